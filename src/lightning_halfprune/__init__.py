@@ -1,0 +1,36 @@
+"""lightning-halfprune: structured pruning inside a PyTorch Lightning fit.
+
+``from lightning_halfprune import HalfPrune`` and add it to your Trainer's callbacks.
+"""
+
+from lightning_halfprune.callback import HalfPrune
+from lightning_halfprune.report import ModelStats, PruneReport
+from lightning_halfprune.schedule import Cubic, Linear, OneShot, Schedule
+from lightning_halfprune.scoring import (
+    SCORERS,
+    ActivationScorer,
+    CalibratedScorer,
+    RandomScorer,
+    RedundancyScorer,
+    Scorer,
+    TaylorScorer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCORERS",
+    "ActivationScorer",
+    "CalibratedScorer",
+    "Cubic",
+    "HalfPrune",
+    "Linear",
+    "ModelStats",
+    "OneShot",
+    "PruneReport",
+    "RandomScorer",
+    "RedundancyScorer",
+    "Schedule",
+    "Scorer",
+    "TaylorScorer",
+]

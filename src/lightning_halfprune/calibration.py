@@ -1,0 +1,70 @@
+"""Running a few batches through the model for data-driven scoring without disturbing the fit.
+
+The fit's data order, RNG state, gradients, train/eval mode and BatchNorm statistics are the same after
+calibration as before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from lightning_halfprune.surgery import graph_safe
+
+
+@contextlib.contextmanager
+def undisturbed(model: nn.Module) -> Iterator[None]:
+    """Run calibration in eval mode with grad enabled; put RNG states, gradients and modes back afterwards."""
+    grads = {p: p.grad for p in model.parameters()}
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), graph_safe(model):
+            model.eval()
+            yield
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def take_batches(dataloader: Any, n: int, device: torch.device) -> list[Any]:
+    """The first ``n`` batches of a fresh iterator over ``dataloader``, moved to ``device``."""
+    if dataloader is None or not hasattr(dataloader, "__iter__"):
+        raise ValueError(
+            "a data-driven scorer needs batches, but there is no training dataloader to draw them from: "
+            "pass `calibration_dataloader=` to HalfPrune."
+        )
+    return [move_data_to_device(batch, device) for batch in islice(iter(dataloader), n)]
+
+
+def training_loss(module: Any) -> Callable[[Any], torch.Tensor]:
+    """The loss of the LightningModule's own ``training_step`` on a batch, with its ``self.log`` calls muted."""
+
+    def loss(batch: Any) -> torch.Tensor:
+        if not getattr(module, "automatic_optimization", True):
+            raise ValueError(
+                "the `taylor` scorer needs a loss from `training_step`, which is unavailable with manual "
+                "optimization; choose another `scorer`."
+            )
+        log, log_dict = module.log, module.log_dict
+        module.log = module.log_dict = lambda *args, **kwargs: None
+        try:
+            out = module.training_step(batch, 0)
+        finally:
+            module.log, module.log_dict = log, log_dict
+        out = out["loss"] if isinstance(out, dict) else out
+        if not torch.is_tensor(out):
+            raise ValueError("the `taylor` scorer needs `training_step` to return a loss tensor (or {'loss': ...}).")
+        return out
+
+    return loss

@@ -1,0 +1,227 @@
+"""``HalfPrune``: the Lightning callback that removes channels in the middle of ``Trainer.fit``.
+
+The hooks only decide *when*; scoring, surgery, optimizer rebinding, measuring and reporting live in their own
+modules. State that must survive a checkpoint is in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
+from lightning_halfprune.measure import MacCounter, count_params, layer_widths, measure_latency
+from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
+from lightning_halfprune.report import ModelStats, PruneReport
+from lightning_halfprune.schedule import Schedule
+from lightning_halfprune.scoring import Scorer, _inputs_of, get_scorer, needs_data
+from lightning_halfprune.surgery import Cut, Surgeon, resolve_ignored
+
+
+class HalfPrune(Callback):
+    """Structured pruning during training, inside the fit.
+
+    At the scheduled epochs (or steps) it scores every channel, removes the least useful ones with torch-pruning's
+    dependency graph, moves the optimizers to the smaller model, and training goes on.
+
+    Args:
+        schedule: ``{epoch: cumulative_ratio}`` or a :class:`Schedule` (``Schedule.cubic(...)``, step intervals).
+            Ratios are fractions of the channels the model had when fit started.
+        scorer: a name from ``lightning_halfprune.SCORERS`` (``"l1"``, ``"l2"``, ``"taylor"``, ``"redundancy"``,
+            ...) or a scorer object (any ``torch_pruning`` importance works).
+        ignored_layers: layers never pruned: module names, regular expressions over names, or modules. The
+            layers that produce the model's output are never pruned in any case.
+        round_to: keep every channel count a multiple of this (e.g. 8 for tensor cores).
+        max_layer_ratio: no group of coupled channels loses more than this fraction of its original width.
+        global_pruning: rank channels across all layers instead of cutting every layer by the same ratio.
+        example_input: an input for tracing the model; default ``pl_module.example_input_array``, else the first
+            training batch's input.
+        scoring_batches: how many batches data-driven scorers look at.
+        calibration_dataloader: where those batches come from; default a fresh iterator over the training data.
+        latency_batch_size: batch size at which inference latency is measured before and after each event;
+            0 turns latency measurement off.
+        verbose: print a summary line per event (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        schedule: Union[dict[int, float], Schedule],
+        scorer: Union[str, Scorer] = "l2",
+        ignored_layers: Optional[list[Union[str, nn.Module]]] = None,
+        round_to: Optional[int] = None,
+        max_layer_ratio: float = 0.9,
+        global_pruning: bool = False,
+        example_input: Any = None,
+        scoring_batches: int = 8,
+        calibration_dataloader: Any = None,
+        latency_batch_size: int = 64,
+        verbose: bool = True,
+    ) -> None:
+        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
+        self.scorer = get_scorer(scorer)
+        self.ignored_layers = list(ignored_layers or [])
+        _check_int("round_to", round_to, minimum=1, optional=True)
+        _check_int("scoring_batches", scoring_batches, minimum=1)
+        _check_int("latency_batch_size", latency_batch_size, minimum=0)
+        if isinstance(max_layer_ratio, bool) or not 0.0 < max_layer_ratio < 1.0:
+            raise ValueError(f"`max_layer_ratio` must be in (0, 1), got {max_layer_ratio!r}.")
+        self.round_to = round_to
+        self.max_layer_ratio = float(max_layer_ratio)
+        self.global_pruning = bool(global_pruning)
+        self.example_input = example_input
+        self.scoring_batches = scoring_batches
+        self.calibration_dataloader = calibration_dataloader
+        self.latency_batch_size = latency_batch_size
+        self.verbose = verbose
+        self.history: list[dict[str, Any]] = []
+        self.original_widths: dict[str, int] = {}
+        self.reports: list[PruneReport] = []
+        self._surgeon: Surgeon | None = None
+        self._macs = MacCounter()
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.schedule.check_fits(trainer.max_epochs, trainer.max_steps)
+            resolve_ignored(pl_module, self.ignored_layers)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._surgeon = self._build_surgeon(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule.interval == "epoch":
+            self._prune_if_scheduled(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.schedule.interval == "step":
+            self._prune_if_scheduled(trainer, pl_module, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "original_widths": self.original_widths, "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.original_widths = dict(state_dict.get("original_widths", {}))
+
+    # ------------------------------------------------------------------ one event
+    def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
+        ratio = self.schedule.ratio_at(point)
+        if ratio is None or any(event["point"] == point for event in self.history):
+            return
+        report = self.prune(trainer, pl_module, ratio, point)
+        if self.verbose:
+            rank_zero_info(report.summary_line())
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, point: int) -> PruneReport:
+        """Cut the model to cumulative ``ratio`` now, carry the optimizers over, and return the report."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with _timed(timings, "measure"):
+            before = self._stats(pl_module)
+        with _timed(timings, "score"):
+            cuts = self._plan(trainer, pl_module, ratio)
+        with _timed(timings, "cut"):
+            self._surgeon.cut(cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
+            rewrap_ddp(trainer.strategy)
+        with _timed(timings, "measure"):
+            after = self._stats(pl_module)
+        self.history.append(
+            {
+                "point": point,
+                "interval": self.schedule.interval,
+                "ratio": ratio,
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "cuts": [c.to_list() for c in cuts],
+            }
+        )
+        report = PruneReport(
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            ratio=ratio,
+            before=before,
+            after=after,
+            seconds=time.perf_counter() - start,
+            timings=timings,
+            latency_batch_size=self.latency_batch_size or None,
+        )
+        self.reports.append(report)
+        return report
+
+    # ------------------------------------------------------------------ helpers
+    def _build_surgeon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Surgeon:
+        example = self._example_input(trainer, pl_module)
+        surgeon = Surgeon(
+            pl_module,
+            example,
+            resolve_ignored(pl_module, self.ignored_layers),
+            round_to=self.round_to,
+            max_layer_ratio=self.max_layer_ratio,
+            global_pruning=self.global_pruning,
+            original_widths=self.original_widths or None,
+        )
+        self.original_widths = surgeon.original_widths
+        return surgeon
+
+    def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise ValueError("HalfPrune needs `example_input` (or `example_input_array` on the LightningModule).")
+            example = _inputs_of(next(iter(loader)))
+        if isinstance(example, list):
+            example = tuple(example)
+        example = move_data_to_device(example, pl_module.device)
+        return trainer.precision_plugin.convert_input(example)
+
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float) -> list[Cut]:
+        with undisturbed(pl_module):
+            if needs_data(self.scorer):
+                loader = self.calibration_dataloader or trainer.train_dataloader
+                batches = take_batches(loader, self.scoring_batches, pl_module.device)
+                self.scorer.calibrate(pl_module, batches, training_loss(pl_module))
+            try:
+                return self._surgeon.plan(ratio, self.scorer)
+            finally:
+                getattr(self.scorer, "release", lambda: None)()
+
+    def _stats(self, pl_module: pl.LightningModule) -> ModelStats:
+        example = self._surgeon.example_input
+        latency = measure_latency(pl_module, example, self.latency_batch_size) if self.latency_batch_size else None
+        return ModelStats(
+            params=count_params(pl_module),
+            macs=self._macs(pl_module, example),
+            widths=layer_widths(pl_module),
+            latency_ms=latency,
+        )
+
+
+def _as_mapping(schedule: Any) -> Mapping:
+    if not isinstance(schedule, Mapping):
+        raise TypeError(f"`schedule` must be a mapping {{epoch: ratio}} or a Schedule, got {schedule!r}.")
+    return schedule
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

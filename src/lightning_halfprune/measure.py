@@ -1,0 +1,144 @@
+"""What a model costs: parameters, MACs per sample, per-layer widths and measured inference latency.
+
+Nothing here logs; ``report.py`` turns these numbers into tables and logger payloads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_halfprune.surgery import graph_safe, run_model
+
+WIDTH_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every Conv, Linear and attention layer, by module name."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            widths[name] = m.embed_dim
+        elif isinstance(m, nn.Linear) and not _inside_attention(model, name):
+            widths[name] = m.out_features
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            widths[name] = m.out_channels
+    return widths
+
+
+def _inside_attention(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return bool(name) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
+class MacCounter:
+    """Multiply-accumulates of one forward pass per sample, counted with forward hooks, cached per architecture.
+
+    Counts Conv, Linear and MultiheadAttention (projections and the two attention products); elementwise ops
+    and norms are ignored, as usual for MAC counts. No deep copy of the model is made.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, int] = {}
+
+    def __call__(self, model: nn.Module, example_input: Any) -> int:
+        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        if key not in self._cache:
+            self._cache[key] = self._count(model, example_input)
+        return self._cache[key]
+
+    @staticmethod
+    def _count(model: nn.Module, example_input: Any) -> int:
+        total = 0
+        batch = _batch_size(example_input)
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            nonlocal total
+            total += _macs(module, inputs, output)
+
+        handles = [
+            m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*WIDTH_TYPES, nn.ConvTranspose2d))
+        ]
+        try:
+            with graph_safe(model), torch.no_grad():
+                model.eval()
+                run_model(model, example_input)
+        finally:
+            for h in handles:
+                h.remove()
+        return total // max(batch, 1)
+
+
+def _macs(module: nn.Module, inputs: tuple, output: Any) -> int:
+    if isinstance(module, nn.MultiheadAttention):
+        q = inputs[0]
+        seq = q.shape[1] if module.batch_first or q.dim() == 2 else q.shape[0]
+        rows = q.numel() // module.embed_dim
+        e = module.embed_dim
+        return rows * e * e * 4 + rows * seq * e * 2  # q, k, v, out projections + QK^T and AV
+    out = output[0] if isinstance(output, tuple) else output
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+        kernel = int(torch.tensor(module.kernel_size).prod())
+        return out.numel() * (module.in_channels // module.groups) * kernel
+    return 0
+
+
+def _batch_size(example_input: Any) -> int:
+    first = example_input
+    while isinstance(first, (tuple, list)):
+        first = first[0]
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return int(first.shape[0]) if torch.is_tensor(first) and first.dim() > 0 else 1
+
+
+def repeat_batch(example_input: Any, batch_size: int) -> Any:
+    """The example input tiled along its first dimension to ``batch_size`` samples."""
+    if torch.is_tensor(example_input):
+        reps = -(-batch_size // max(example_input.shape[0], 1))
+        return example_input.repeat(reps, *([1] * (example_input.dim() - 1)))[:batch_size]
+    if isinstance(example_input, tuple):
+        return tuple(repeat_batch(x, batch_size) for x in example_input)
+    if isinstance(example_input, dict):
+        return {k: repeat_batch(v, batch_size) for k, v in example_input.items()}
+    return example_input
+
+
+def measure_latency(
+    model: nn.Module, example_input: Any, batch_size: int = 64, runs: int = 10, warmup: int = 2
+) -> float:
+    """Median inference time in milliseconds of ``runs`` timed forward passes at ``batch_size``.
+
+    CPU: wall clock; CUDA: CUDA events, synchronised. The model's train/eval mode is restored afterwards.
+    """
+    x = repeat_batch(example_input, batch_size)
+    cuda = next((p.is_cuda for p in model.parameters()), False)
+    times = []
+    with graph_safe(model), torch.no_grad():
+        model.eval()
+        for i in range(warmup + runs):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run_model(model, x)
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                run_model(model, x)
+                elapsed = (time.perf_counter() - t0) * 1000
+            if i >= warmup:
+                times.append(elapsed)
+    return statistics.median(times)

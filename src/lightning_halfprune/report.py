@@ -1,0 +1,138 @@
+"""``PruneReport``: the before/after figures of one prune event, and its renderings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelStats:
+    """What a model costs at one moment."""
+
+    params: int
+    macs: int
+    widths: dict[str, int] = field(default_factory=dict)
+    latency_ms: float | None = None
+
+
+@dataclass
+class PruneReport:
+    """The before/after figures of one prune event.
+
+    ``metric_*`` hold the monitored task metric: its last validation value before the event, its value right
+    after surgery, and after recovery (the next validation). ``timings`` splits the event's wall time in seconds.
+    """
+
+    epoch: int
+    global_step: int
+    ratio: float
+    before: ModelStats
+    after: ModelStats
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    monitor: str | None = None
+    metric_before: float | None = None
+    metric_after_cut: float | None = None
+    metric_recovered: float | None = None
+    latency_batch_size: int | None = None
+
+    @property
+    def params_ratio(self) -> float:
+        return self.after.params / self.before.params
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.after.macs / self.before.macs if self.before.macs else float("nan")
+
+    @property
+    def speedup(self) -> float | None:
+        if self.before.latency_ms and self.after.latency_ms:
+            return self.before.latency_ms / self.after.latency_ms
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def scalars(self, prefix: str = "halfprune/") -> dict[str, float]:
+        """Flat numbers for any Lightning logger."""
+        values = {
+            "ratio": self.ratio,
+            "params_before": self.before.params,
+            "params_after": self.after.params,
+            "params_ratio": self.params_ratio,
+            "macs_before": self.before.macs,
+            "macs_after": self.after.macs,
+            "macs_ratio": self.macs_ratio,
+            "latency_ms_before": self.before.latency_ms,
+            "latency_ms_after": self.after.latency_ms,
+            "speedup": self.speedup,
+            "event_seconds": self.seconds,
+            "metric_before": self.metric_before,
+            "metric_after_cut": self.metric_after_cut,
+            "metric_recovered": self.metric_recovered,
+        }
+        values |= {f"time_{k}_s": v for k, v in self.timings.items()}
+        return {prefix + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
+
+    def summary_line(self) -> str:
+        return (
+            f"HalfPrune epoch {self.epoch} step {self.global_step}: ratio {self.ratio:.3g}, "
+            f"params {_si(self.before.params)} -> {_si(self.after.params)}, "
+            f"MACs {_si(self.before.macs)} -> {_si(self.after.macs)}"
+        )
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(what, before, after) rows of the before -> after table."""
+        rows = [
+            ("params", _si(self.before.params), _si(self.after.params)),
+            ("MACs / sample", _si(self.before.macs), _si(self.after.macs)),
+        ]
+        if self.speedup is not None:
+            rows.append(
+                (
+                    f"latency ms (batch {self.latency_batch_size})",
+                    f"{self.before.latency_ms:.3f}",
+                    f"{self.after.latency_ms:.3f}",
+                )
+            )
+        if self.monitor:
+            rows.append(
+                (
+                    f"{self.monitor} (cut / recovered)",
+                    _num(self.metric_before),
+                    f"{_num(self.metric_after_cut)} / {_num(self.metric_recovered)}",
+                )
+            )
+        return rows
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"### Prune event: epoch {self.epoch}, step {self.global_step}, ratio {self.ratio:.3g}",
+            "",
+            "| | before | after |",
+            "|---|---:|---:|",
+            *[f"| {a} | {b} | {c} |" for a, b, c in self.rows()],
+            "",
+            "| layer | width before | width after |",
+            "|---|---:|---:|",
+            *[f"| {n} | {w} | {self.after.widths.get(n, '-')} |" for n, w in self.before.widths.items()],
+        ]
+        return "\n".join(lines)
+
+    def to_console(self) -> str:
+        width = max(len(r[0]) for r in self.rows())
+        body = [f"  {a:<{width}}  {b:>12} -> {c}" for a, b, c in self.rows()]
+        return "\n".join([self.summary_line(), *body])
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,444 @@
+"""Channel removal through torch-pruning's dependency graph, atomic, with a replayable record of every cut.
+
+This room knows nothing about Lightning: it gets an ``nn.Module`` and an example input, and removes channels so
+that every coupled layer (residual adds, concatenations, depthwise/grouped convs, norms, attention) stays
+consistent. Scores come from a scorer (see ``scoring.py``); *how many* channels go is decided here from the
+cumulative ratio and the widths the model had when pruning started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+from torch_pruning.pruner import function as tp_function
+
+ROOT_TYPES = (ops.TORCH_CONV, ops.TORCH_LINEAR)
+
+
+class SurgeryError(RuntimeError):
+    """Surgery could not be done; the model was left exactly as it was before."""
+
+
+@dataclass
+class Cut:
+    """Channels removed from one coupled group, named by its root layer, in that layer's output channels."""
+
+    layer: str
+    channels: list[int]
+
+    def to_list(self) -> list:
+        return [self.layer, list(self.channels)]
+
+
+@dataclass
+class ChannelGroup:
+    """One set of coupled channels that can only be removed together."""
+
+    name: str
+    group: Any  # torch_pruning Group over all current channels
+    width: int
+    slots: int = 1  # channel groups (grouped conv, attention heads): a cut removes the same offset in each slot
+
+    @property
+    def slot_size(self) -> int:
+        return self.width // self.slots
+
+
+@dataclass
+class ParamRemap:
+    """How each parameter that surgery replaced maps to its successor: the slices taken along each dimension."""
+
+    steps: dict[nn.Parameter, tuple[nn.Parameter, list[tuple[int, torch.Tensor]]]] = field(default_factory=dict)
+
+    def new(self, param: torch.Tensor) -> torch.Tensor:
+        """The parameter that replaced ``param`` (``param`` itself if surgery did not touch it)."""
+        return self.steps[param][0] if param in self.steps else param
+
+    def slice_like(self, param: torch.Tensor, value: Any) -> Any:
+        """Slice ``value`` (e.g. an optimizer state tensor) the way ``param`` was sliced, if shaped like it."""
+        if param not in self.steps or not torch.is_tensor(value) or value.shape != param.shape:
+            return value
+        for dim, keep in self.steps[param][1]:
+            value = torch.index_select(value, dim, keep.to(value.device))
+        return value
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def as_tuple_input(example_input: Any) -> Callable[[nn.Module, Any], Any]:
+    """Lightning's ``example_input_array`` convention: tuple -> ``*args``, dict -> ``**kwargs``, else one arg."""
+
+    def forward(model: nn.Module, x: Any) -> Any:
+        if isinstance(x, dict):
+            return model(**x)
+        if isinstance(x, tuple):
+            return model(*x)
+        return model(x)
+
+    return forward
+
+
+run_model = as_tuple_input(None)
+
+
+@contextlib.contextmanager
+def graph_safe(model: nn.Module) -> Iterator[None]:
+    """Grad enabled (also inside inference mode), and every module's train/eval mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def resolve_ignored(model: nn.Module, ignored: Sequence[str | nn.Module] | None) -> list[nn.Module]:
+    """Turn names, regular expressions or module objects into modules; an unmatched name is an error."""
+    names = {name: module for name, module in model.named_modules() if name}
+    resolved: list[nn.Module] = []
+    for item in ignored or []:
+        if isinstance(item, nn.Module):
+            resolved.append(item)
+            continue
+        if not isinstance(item, str):
+            raise TypeError(f"`ignored_layers` takes module names, regular expressions or modules, got {item!r}.")
+        matches = [m for n, m in names.items() if n == item or _fullmatch(item, n)]
+        if not matches:
+            close = get_close_matches(item, list(names), n=3, cutoff=0.4)
+            hint = f" Closest layer names: {close}." if close else f" Layer names look like: {list(names)[:5]}."
+            raise ValueError(f"`ignored_layers` entry {item!r} matches no layer of the model.{hint}")
+        resolved.extend(matches)
+    return resolved
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+class Surgeon:
+    """Owns one model's dependency graph and removes channels through it.
+
+    The graph is built once and kept across events, since torch-pruning updates it in place as it prunes; it is
+    rebuilt only when the model's parameters are no longer the ones the last cut produced.
+
+    Args:
+        model: the module to prune (a LightningModule is fine: names match its state dict).
+        example_input: one input for tracing, on the model's device (tuple -> ``*args``, dict -> ``**kwargs``).
+        ignored_layers: modules never pruned; layers producing the model's output are always added.
+        round_to: keep channel counts a multiple of this.
+        max_layer_ratio: no group loses more than this fraction of its original channels.
+        global_pruning: rank channels across all groups instead of within each.
+        original_widths: group -> width when pruning started (restored from a checkpoint); default: now.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Any,
+        ignored_layers: Sequence[nn.Module] = (),
+        *,
+        round_to: int | None = None,
+        max_layer_ratio: float = 0.9,
+        global_pruning: bool = False,
+        original_widths: dict[str, int] | None = None,
+    ) -> None:
+        self.model = model
+        self.example_input = example_input
+        self.ignored_layers = list(ignored_layers)
+        self.round_to = round_to
+        self.max_layer_ratio = max_layer_ratio
+        self.global_pruning = global_pruning
+        self.graph_builds = 0
+        self._graph: tp.DependencyGraph | None = None
+        self._signature: tuple = ()
+        self.original_widths = dict(original_widths) if original_widths else {g.name: g.width for g in self.groups()}
+        if not self.original_widths:
+            raise ValueError(
+                f"{type(model).__name__} has nothing prunable: every Conv/Linear layer is ignored or produces the "
+                "model's output. Check `ignored_layers`."
+            )
+
+    # ---------------------------------------------------------------- graph
+    @property
+    def graph(self) -> tp.DependencyGraph:
+        if self._graph is None or self._signature != _signature(self.model):
+            self._graph = self._build_graph()
+            self._signature = _signature(self.model)
+        return self._graph
+
+    def _build_graph(self) -> tp.DependencyGraph:
+        self.graph_builds += 1
+        with graph_safe(self.model):
+            try:
+                return tp.DependencyGraph().build_dependency(
+                    self.model, example_inputs=_plain_tensors(self.example_input), forward_fn=run_model, verbose=False
+                )
+            except Exception as err:  # the user's model could not run the example input
+                raise ValueError(
+                    f"`example_input` could not be traced through {type(self.model).__name__}: "
+                    f"{type(err).__name__}: {err}. Pass an `example_input` the model's forward accepts "
+                    "(or set `example_input_array` on the LightningModule)."
+                ) from err
+
+    def groups(self) -> list[ChannelGroup]:
+        """Every prunable coupled group, in a stable order, without those that reach the model's output."""
+        graph = self.graph
+        ignored = [m for layer in self.ignored_layers for m in layer.modules()]
+        found = []
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+            if _reaches_output(graph, group):
+                continue
+            root = group[0].dep.target.module
+            found.append(
+                ChannelGroup(graph._module2name[root], group, graph.get_out_channels(root), _slots(graph, group))
+            )
+        return found
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {g.name: g.width for g in self.groups()}
+
+    # ---------------------------------------------------------------- choosing
+    def plan(self, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
+        """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
+        scored = []
+        for g in self.groups():
+            if g.name not in self.original_widths:
+                continue
+            scores = _per_slot(g, _check_scores(g, score(g.group)))
+            if scores is not None:
+                scored.append((g, scores))
+        keep = self._global_keep(scored, ratio) if self.global_pruning else self._local_keep(scored, ratio)
+        cuts = []
+        for g, scores in scored:
+            n_slots_kept = keep[g.name] // g.slots
+            drop = torch.argsort(scores, stable=True)[: g.slot_size - n_slots_kept].tolist()
+            if drop:
+                channels = sorted(j + s * g.slot_size for s in range(g.slots) for j in drop)
+                cuts.append(Cut(g.name, channels))
+        return cuts
+
+    def _floor(self, g: ChannelGroup) -> int:
+        original = self.original_widths[g.name]
+        floor = max(1, math.ceil(original * (1 - self.max_layer_ratio) - 1e-9))
+        return _round_up(floor, g.slots)
+
+    def _fit(self, g: ChannelGroup, keep: int) -> int:
+        if self.round_to:
+            keep = max(self.round_to, int(math.floor(keep / self.round_to + 0.5)) * self.round_to)
+        keep = max(keep, self._floor(g))
+        keep = _round_up(keep, g.slots)
+        return min(keep, g.width)
+
+    def _local_keep(self, scored: list, ratio: float) -> dict[str, int]:
+        return {
+            g.name: self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - ratio) + 0.5))) for g, _ in scored
+        }
+
+    def _global_keep(self, scored: list, ratio: float) -> dict[str, int]:
+        total_original = sum(self.original_widths[g.name] for g, _ in scored)
+        total_now = sum(g.width for g, _ in scored)
+        to_remove = total_now - int(math.floor(total_original * (1 - ratio) + 0.5))
+        keep = {g.name: g.width for g, _ in scored}
+        candidates = sorted(
+            (
+                (float(s) / (float(scores.mean()) + 1e-12), i, k)
+                for i, (g, scores) in enumerate(scored)
+                for k, s in enumerate(scores)
+            )
+        )
+        for _, i, _k in candidates:
+            if to_remove <= 0:
+                break
+            g = scored[i][0]
+            if keep[g.name] - g.slots >= self._floor(g):
+                keep[g.name] -= g.slots
+                to_remove -= g.slots
+        return {g.name: self._fit(g, keep[g.name]) if self.round_to else keep[g.name] for g, _ in scored}
+
+    # ---------------------------------------------------------------- cutting
+    def cut(self, cuts: Sequence[Cut], then: Callable[[ParamRemap], None] | None = None) -> ParamRemap:
+        """Remove the channels of ``cuts``, then call ``then(remap)`` (e.g. rebind the optimizer).
+
+        All or nothing: if anything raises (also KeyboardInterrupt), the model's modules are put back exactly as
+        they were, the graph is dropped to be rebuilt, and the error propagates.
+        """
+        snapshot = _ModuleSnapshot(self.model)
+        graph = self.graph
+        try:
+            with _tracking_slices() as remap, graph_safe(self.model), torch.no_grad():
+                for c in cuts:
+                    self._prune_group(graph, c)
+            for old, (new, _) in remap.steps.items():
+                new.requires_grad_(old.requires_grad)
+            if then is not None:
+                then(remap)
+        except BaseException:
+            snapshot.restore()
+            self._graph = None
+            raise
+        self._signature = _signature(self.model)
+        return remap
+
+    def _prune_group(self, graph: tp.DependencyGraph, cut: Cut) -> None:
+        module = _module_by_name(self.model, cut.layer)
+        if module not in graph.module2node:
+            raise SurgeryError(f"layer {cut.layer!r} is not in the model's dependency graph.")
+        width = graph.get_out_channels(module)
+        bad = [i for i in cut.channels if not 0 <= int(i) < width]
+        if bad or len(set(cut.channels)) >= width:
+            raise SurgeryError(
+                f"cannot remove channels {cut.channels[:8]}{'...' if len(cut.channels) > 8 else ''} from layer "
+                f"{cut.layer!r} of width {width}."
+            )
+        group = graph.get_pruning_group(
+            module, graph.get_pruner_of_module(module).prune_out_channels, list(cut.channels)
+        )
+        if not graph.check_pruning_group(group):
+            raise SurgeryError(f"removing {len(cut.channels)} channels from {cut.layer!r} would empty a coupled layer.")
+        group.prune(record_history=False)
+
+    def replay(self, cuts: Sequence[Cut]) -> None:
+        """Redo recorded cuts on a model of the original shape (used when loading checkpoints)."""
+        self.cut(cuts)
+
+
+# -------------------------------------------------------------------- helpers
+def _plain_tensors(x: Any) -> Any:
+    """Inference-mode tensors cannot enter autograd: clone them into ordinary ones."""
+    if torch.is_tensor(x):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_plain_tensors(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _plain_tensors(v) for k, v in x.items()}
+    return x
+
+
+def _module_by_name(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise SurgeryError(f"the model has no layer {name!r}.") from err
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((name, id(p), tuple(p.shape)) for name, p in model.named_parameters())
+
+
+def _reaches_output(graph: tp.DependencyGraph, group: Any) -> bool:
+    """True if removing this group's channels would change the shape of the model's output."""
+    for dep, _ in group:
+        if not graph.is_out_channel_pruning_fn(dep.handler):
+            continue
+        node = dep.target
+        if node.type == ops.OPTYPE.OUTPUT or (isinstance(node.module, nn.Module) and not node.outputs):
+            return True
+    return False
+
+
+def _slots(graph: tp.DependencyGraph, group: Any) -> int:
+    """Channel groups that must stay equal in size: grouped convs, GroupNorm, attention heads."""
+    slots = 1
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.MultiheadAttention):
+            slots = max(slots, module.num_heads)
+            continue
+        if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels:
+            continue  # depthwise: pruned channel by channel
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or not isinstance(module, nn.Module):
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            slots = max(slots, pruner.get_out_channel_groups(module))
+        else:
+            slots = max(slots, pruner.get_in_channel_groups(module))
+    return slots
+
+
+def _check_scores(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | None:
+    if scores is None:
+        return None
+    if not torch.is_tensor(scores):
+        raise SurgeryError(
+            f"the scorer returned {type(scores).__name__} for layer {g.name!r}; it must return a tensor."
+        )
+    scores = scores.detach().float().flatten().cpu()
+    if scores.numel() != g.width:
+        raise SurgeryError(
+            f"the scorer returned {scores.numel()} scores for layer {g.name!r}, which has {g.width} channels; "
+            "nothing was pruned."
+        )
+    if not torch.isfinite(scores).all():
+        raise SurgeryError(f"the scorer returned NaN or inf scores for layer {g.name!r}; nothing was pruned.")
+    return scores
+
+
+def _per_slot(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | None:
+    if scores is None or g.slots == 1:
+        return scores
+    return scores.view(g.slots, -1).mean(0)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+class _ModuleSnapshot:
+    """References to every module's parameters, buffers and plain attributes: an exact, copy-free undo.
+
+    torch-pruning never edits a tensor in place (it builds new ones), so keeping the old references is enough.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = []
+        for m in model.modules():
+            state = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
+            self.saved.append((m, state, dict(m._parameters), dict(m._buffers)))
+
+    def restore(self) -> None:
+        for m, state, params, buffers in self.saved:
+            vars(m).update(state)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+
+
+@contextlib.contextmanager
+def _tracking_slices() -> Iterator[ParamRemap]:
+    """Record every slice torch-pruning takes of a parameter, chaining repeated slices of the same tensor."""
+    remap = ParamRemap()
+    successor: dict[nn.Parameter, nn.Parameter] = {}  # newest tensor -> the original it came from
+    original = tp_function.BasePruningFunc._prune_parameter_and_grad
+
+    def tracked(self: Any, weight: nn.Parameter, keep_idxs: Sequence[int], pruning_dim: int) -> nn.Parameter:
+        new = original(self, weight, keep_idxs, pruning_dim)
+        source = successor.pop(weight, weight)
+        _, steps = remap.steps.get(source, (None, []))
+        keep = torch.as_tensor(list(keep_idxs), dtype=torch.long)
+        remap.steps[source] = (new, [*steps, (pruning_dim % weight.dim(), keep)])
+        successor[new] = source
+        return new
+
+    tp_function.BasePruningFunc._prune_parameter_and_grad = tracked
+    try:
+        yield remap
+    finally:
+        tp_function.BasePruningFunc._prune_parameter_and_grad = original
