@@ -4,6 +4,7 @@
 """
 
 from lightning_halfprune.callback import HalfPrune
+from lightning_halfprune.checkpoint import CheckpointError, export, load_pruned
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.schedule import Cubic, Linear, OneShot, Schedule
 from lightning_halfprune.scoring import (
@@ -22,9 +23,12 @@ __all__ = [
     "SCORERS",
     "ActivationScorer",
     "CalibratedScorer",
+    "CheckpointError",
     "Cubic",
     "HalfPrune",
     "Linear",
+    "export",
+    "load_pruned",
     "ModelStats",
     "OneShot",
     "PruneReport",

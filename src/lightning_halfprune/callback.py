@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.measure import MacCounter, count_params, layer_widths, measure_latency
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
@@ -92,9 +93,14 @@ class HalfPrune(Callback):
         if stage == "fit":
             self.schedule.check_fits(trainer.max_epochs, trainer.max_steps)
             resolve_ignored(pl_module, self.ignored_layers)
+        _restore_shape_before_weights_load(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
+        self._catch_up(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.interval == "epoch":
@@ -104,6 +110,10 @@ class HalfPrune(Callback):
         if self.schedule.interval == "step":
             self._prune_if_scheduled(trainer, pl_module, trainer.global_step)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._surgeon is not None:
+            checkpoint[ckpt.KEY] = ckpt.pack(self.history, self.original_widths, self._surgeon.example_input)
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "original_widths": self.original_widths, "schedule": self.schedule.to_dict()}
 
@@ -112,6 +122,15 @@ class HalfPrune(Callback):
         self.original_widths = dict(state_dict.get("original_widths", {}))
 
     # ------------------------------------------------------------------ one event
+    def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume, run a prune point the restored run passed without cutting (e.g. the checkpoint was
+        written at validation end, just before that epoch's cut)."""
+        now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step + 1
+        done = {event["point"] for event in self.history}
+        missed = [p for p in self.schedule.points if p < now and p not in done]
+        if missed:
+            self._prune_if_scheduled(trainer, pl_module, max(missed))
+
     def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
         ratio = self.schedule.ratio_at(point)
         if ratio is None or any(event["point"] == point for event in self.history):
@@ -203,6 +222,20 @@ class HalfPrune(Callback):
             widths=layer_widths(pl_module),
             latency_ms=latency,
         )
+
+
+def _restore_shape_before_weights_load(pl_module: pl.LightningModule) -> None:
+    """Lightning calls the module's ``on_load_checkpoint`` right before loading its weights (callbacks come
+    later): wrap it, for this module instance only, so the recorded cuts are replayed first."""
+    if "on_load_checkpoint" in pl_module.__dict__:
+        return
+    original = pl_module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        ckpt.restore_shape(pl_module, checkpoint)
+        original(checkpoint)
+
+    pl_module.on_load_checkpoint = on_load_checkpoint
 
 
 def _as_mapping(schedule: Any) -> Mapping:

@@ -1,0 +1,173 @@
+"""Pruned checkpoints that load: the history inside the checkpoint, the pruned shape rebuilt before the weights
+load, ``load_pruned`` for inference without a Trainer, and ``export`` to TorchScript or ONNX.
+
+A checkpoint written by a Trainer with ``HalfPrune`` holds, under ``checkpoint["halfprune"]``, the history of
+cuts that produced its exact shape, the widths the model started from, and one example input for tracing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.core.module import _jit_is_scripting
+from torch import nn
+
+from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError
+
+KEY = "halfprune"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's pruning history does not fit the model, or is malformed."""
+
+
+def pack(history: list[dict], original_widths: dict[str, int], example_input: Any) -> dict[str, Any]:
+    """What goes under ``checkpoint["halfprune"]``."""
+    return {
+        "version": 1,
+        "history": [dict(event) for event in history],
+        "original_widths": dict(original_widths),
+        "example_input": _to_cpu(example_input),
+    }
+
+
+def cuts_of(state: Mapping[str, Any]) -> list[Cut]:
+    """Every cut of a packed history, in order; a malformed history raises ``CheckpointError``."""
+    try:
+        history = state["history"]
+        cuts = [Cut(str(layer), [int(i) for i in channels]) for event in history for layer, channels in event["cuts"]]
+        widths = {str(k): int(v) for k, v in state["original_widths"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"the HalfPrune history in this checkpoint is corrupted or hand-edited: {err!r}") from err
+    if cuts and not widths:
+        raise CheckpointError("the HalfPrune history in this checkpoint has cuts but no `original_widths`.")
+    return cuts
+
+
+def restore_shape(model: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
+    """Cut ``model`` to the shape the checkpoint's weights have; True if anything was cut.
+
+    Nothing happens if the checkpoint has no history or the model already has the checkpoint's shape. A history
+    that does not fit the model (another architecture) raises ``CheckpointError`` naming the first layer that
+    does not match, and leaves the model as it was.
+    """
+    state = checkpoint.get(KEY)
+    weights = checkpoint.get("state_dict", {})
+    if not state or _shapes_match(model, weights):
+        return False
+    cuts = cuts_of(state)
+    if not cuts:
+        return False
+    _check_original_widths(model, state["original_widths"])
+    example = _to_device(state.get("example_input"), _device_of(model))
+    if example is None:
+        raise CheckpointError("the HalfPrune state in this checkpoint has no example input to trace the model with.")
+    surgeon = Surgeon(model, example, original_widths=state["original_widths"])
+    try:
+        surgeon.cut(cuts, then=lambda remap: _check_weights_fit(model, weights))
+    except SurgeryError as err:
+        raise CheckpointError(f"the checkpoint's pruning history does not fit {type(model).__name__}: {err}") from err
+    return True
+
+
+def load_pruned(model_class: type[nn.Module], path: str | os.PathLike, **init_kwargs: Any) -> nn.Module:
+    """The pruned LightningModule of a checkpoint, with its weights, in eval mode, without any Trainer.
+
+    The class is built from the checkpoint's saved hyperparameters (``save_hyperparameters``), overridden by
+    ``init_kwargs``; then the recorded cuts are replayed and the weights loaded.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    kwargs = _init_kwargs(model_class, {**checkpoint.get("hyper_parameters", {}), **init_kwargs})
+    model = model_class(**kwargs)
+    restore_shape(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: Literal["torchscript", "onnx"] = "torchscript",
+    example_input: Any = None,
+) -> str:
+    """Write the (pruned) model to ``path`` as TorchScript or ONNX; returns the path.
+
+    ``example_input`` defaults to the model's ``example_input_array``. ONNX needs the ``onnx`` extra.
+    """
+    example = example_input if example_input is not None else getattr(model, "example_input_array", None)
+    if example is None:
+        raise ValueError("`example_input` is needed to export (or set `example_input_array` on the model).")
+    example = _to_device(example, _device_of(model))
+    args = example if isinstance(example, tuple) else (example,)
+    model = model.eval()
+    path = os.fspath(path)
+    with torch.no_grad(), _jit_is_scripting():
+        if format == "torchscript":
+            torch.jit.save(torch.jit.trace(model, args), path)
+        elif format == "onnx":
+            torch.onnx.export(model, args, path, input_names=["input"], output_names=["output"], dynamo=False)
+        else:
+            raise ValueError(f"`format` must be 'torchscript' or 'onnx', got {format!r}.")
+    return path
+
+
+# -------------------------------------------------------------------- helpers
+def _shapes_match(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return all(k in own and tuple(own[k].shape) == tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v))
+
+
+def _check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    for key, value in weights.items():
+        if torch.is_tensor(value) and key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"after replaying the checkpoint's pruning history, {key!r} has shape {tuple(own[key].shape)} but the "
+                f"checkpoint holds {tuple(value.shape)}: the history does not fit {type(model).__name__}."
+            )
+
+
+def _check_original_widths(model: nn.Module, widths: Mapping[str, int]) -> None:
+    for name, width in widths.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"the checkpoint was pruned from a model with a layer {name!r}, which {type(model).__name__} does not "
+                "have: it is another architecture."
+            ) from None
+        actual = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+        if actual != width:
+            raise CheckpointError(
+                f"layer {name!r} of {type(model).__name__} has {actual} output channels, but the checkpoint was pruned "
+                f"from a model where it had {width}: it is another architecture or width."
+            )
+
+
+def _init_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _to_cpu(x: Any) -> Any:
+    return _to_device(x, torch.device("cpu"))
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.detach().to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
