@@ -4,10 +4,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import Classifier, loaders, trainer
 from torch.utils.data import DataLoader
 
 from lightning_halfprune import CheckpointError, HalfPrune, export, load_pruned
+from models import Classifier, loaders, trainer
 
 
 def fixed_loaders():

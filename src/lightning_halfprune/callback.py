@@ -123,8 +123,10 @@ class HalfPrune(Callback):
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After a resume, run a prune point the restored run passed without cutting (e.g. the checkpoint was
-        written at validation end, just before that epoch's cut)."""
+        """After a resume, run a prune point the restored run passed without cutting.
+
+        That happens when the checkpoint was written at validation end, just before that epoch's cut.
+        """
         now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step + 1
         done = {event["point"] for event in self.history}
         missed = [p for p in self.schedule.points if p < now and p not in done]
@@ -225,8 +227,11 @@ class HalfPrune(Callback):
 
 
 def _restore_shape_before_weights_load(pl_module: pl.LightningModule) -> None:
-    """Lightning calls the module's ``on_load_checkpoint`` right before loading its weights (callbacks come
-    later): wrap it, for this module instance only, so the recorded cuts are replayed first."""
+    """Replay the recorded cuts right before Lightning loads a checkpoint's weights into ``pl_module``.
+
+    Lightning calls the module's ``on_load_checkpoint`` just before loading weights (callback hooks come later),
+    so it is wrapped, for this module instance only, until teardown.
+    """
     if "on_load_checkpoint" in pl_module.__dict__:
         return
     original = pl_module.on_load_checkpoint

@@ -1,5 +1,7 @@
-"""Pruned checkpoints that load: the history inside the checkpoint, the pruned shape rebuilt before the weights
-load, ``load_pruned`` for inference without a Trainer, and ``export`` to TorchScript or ONNX.
+"""Pruned checkpoints that load.
+
+The history inside the checkpoint, the pruned shape rebuilt before the weights load, ``load_pruned`` for
+inference without a Trainer, and ``export`` to TorchScript or ONNX.
 
 A checkpoint written by a Trainer with ``HalfPrune`` holds, under ``checkpoint["halfprune"]``, the history of
 cuts that produced its exact shape, the widths the model started from, and one example input for tracing.
