@@ -14,12 +14,12 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
+from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
-from lightning_halfprune.measure import MacCounter, count_params, layer_widths, measure_latency
+from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths, measure_latency
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.schedule import Schedule
@@ -49,6 +49,8 @@ class HalfPrune(Callback):
         calibration_dataloader: where those batches come from; default a fresh iterator over the training data.
         latency_batch_size: batch size at which inference latency is measured before and after each event;
             0 turns latency measurement off.
+        monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
+            it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
         verbose: print a summary line per event (rank 0 only).
     """
 
@@ -64,10 +66,12 @@ class HalfPrune(Callback):
         scoring_batches: int = 8,
         calibration_dataloader: Any = None,
         latency_batch_size: int = 64,
+        monitor: Optional[str] = None,
         verbose: bool = True,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
         self.scorer = get_scorer(scorer)
+        self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.ignored_layers = list(ignored_layers or [])
         _check_int("round_to", round_to, minimum=1, optional=True)
         _check_int("scoring_batches", scoring_batches, minimum=1)
@@ -81,6 +85,7 @@ class HalfPrune(Callback):
         self.scoring_batches = scoring_batches
         self.calibration_dataloader = calibration_dataloader
         self.latency_batch_size = latency_batch_size
+        self.monitor = monitor
         self.verbose = verbose
         self.history: list[dict[str, Any]] = []
         self.original_widths: dict[str, int] = {}
@@ -98,6 +103,9 @@ class HalfPrune(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.__dict__.pop("on_load_checkpoint", None)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        publish.hyperparams(trainer, self.config())
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
         self._catch_up(trainer, pl_module)
@@ -109,6 +117,13 @@ class HalfPrune(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.schedule.interval == "step":
             self._prune_if_scheduled(trainer, pl_module, trainer.global_step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._record_recovery(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        publish.fit_summary(trainer, self.reports, self.verbose)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._surgeon is not None:
@@ -137,9 +152,7 @@ class HalfPrune(Callback):
         ratio = self.schedule.ratio_at(point)
         if ratio is None or any(event["point"] == point for event in self.history):
             return
-        report = self.prune(trainer, pl_module, ratio, point)
-        if self.verbose:
-            rank_zero_info(report.summary_line())
+        self.prune(trainer, pl_module, ratio, point)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, point: int) -> PruneReport:
         """Cut the model to cumulative ``ratio`` now, carry the optimizers over, and return the report."""
@@ -147,6 +160,7 @@ class HalfPrune(Callback):
         start = time.perf_counter()
         with _timed(timings, "measure"):
             before = self._stats(pl_module)
+            metric_before = self._last_metric(trainer)
         with _timed(timings, "score"):
             cuts = self._plan(trainer, pl_module, ratio)
         with _timed(timings, "cut"):
@@ -154,6 +168,7 @@ class HalfPrune(Callback):
             rewrap_ddp(trainer.strategy)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
+            metric_after_cut = self._evaluate(trainer, pl_module)
         self.history.append(
             {
                 "point": point,
@@ -170,14 +185,53 @@ class HalfPrune(Callback):
             ratio=ratio,
             before=before,
             after=after,
-            seconds=time.perf_counter() - start,
             timings=timings,
             latency_batch_size=self.latency_batch_size or None,
+            monitor=self.monitor,
+            metric_before=metric_before,
+            metric_after_cut=metric_after_cut,
         )
         self.reports.append(report)
+        with _timed(timings, "log"):
+            publish.event(trainer, report, len(self.reports) - 1, self.verbose)
+        report.seconds = time.perf_counter() - start
         return report
 
     # ------------------------------------------------------------------ helpers
+    def config(self) -> dict[str, Any]:
+        """The callback's arguments, as logged to every logger's hyperparameters."""
+        return {
+            "schedule": self.schedule.to_dict(),
+            "scorer": self.scorer_name,
+            "ignored_layers": [str(x) for x in self.ignored_layers],
+            "round_to": self.round_to,
+            "max_layer_ratio": self.max_layer_ratio,
+            "global_pruning": self.global_pruning,
+            "scoring_batches": self.scoring_batches,
+            "latency_batch_size": self.latency_batch_size,
+            "monitor": self.monitor,
+        }
+
+    def _last_metric(self, trainer: pl.Trainer) -> float | None:
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        return None if value is None else float(value)
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        if not self.monitor or loader is None:
+            return None
+        with undisturbed(pl_module):
+            return evaluate_metric(pl_module, loader, self.monitor)
+
+    def _record_recovery(self, trainer: pl.Trainer) -> None:
+        waiting = [r for r in self.reports if r.monitor and r.metric_recovered is None]
+        value = self._last_metric(trainer)
+        if not waiting or value is None or waiting[-1].global_step == trainer.global_step:
+            return
+        waiting[-1].metric_recovered = value
+        publish.scalars(trainer, {"halfprune/metric_recovered": value})
+
     def _build_surgeon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Surgeon:
         example = self._example_input(trainer, pl_module)
         surgeon = Surgeon(

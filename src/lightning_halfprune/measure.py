@@ -142,3 +142,52 @@ def measure_latency(
             if i >= warmup:
                 times.append(elapsed)
     return statistics.median(times)
+
+
+def evaluate_metric(module: Any, dataloader: Any, monitor: str, max_batches: int | None = None) -> float | None:
+    """The value ``module.validation_step`` logs as ``monitor``, averaged over ``dataloader`` like Lightning does.
+
+    Runs outside the Trainer's loops: ``self.log`` calls are captured (the fit's own logging, checkpointing and
+    early stopping see nothing), the model is in eval mode under ``no_grad`` and its mode is restored. Values
+    logged per batch are averaged weighted by batch size; a logged torchmetrics ``Metric`` is computed at the end
+    and reset. Returns None if ``validation_step`` never logs ``monitor``.
+    """
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from torchmetrics import Metric
+
+    values: list[tuple[float, int]] = []
+    metrics: list[Metric] = []
+    size = [1]
+
+    def capture(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        if name != monitor:
+            return
+        if isinstance(value, Metric):
+            metrics[:] = [value]
+        else:
+            values.append((float(value), batch_size or size[0]))
+
+    def capture_dict(dictionary: dict, *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            capture(name, value, **kwargs)
+
+    log, log_dict = module.log, module.log_dict
+    module.log, module.log_dict = capture, capture_dict
+    try:
+        with graph_safe(module), torch.no_grad():
+            module.eval()
+            for i, batch in enumerate(dataloader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                batch = move_data_to_device(batch, module.device)
+                size[0] = _batch_size(batch)
+                module.validation_step(batch, i)
+    finally:
+        module.log, module.log_dict = log, log_dict
+    if metrics:
+        value = float(metrics[0].compute())
+        metrics[0].reset()
+        return value
+    if not values:
+        return None
+    return sum(v * n for v, n in values) / sum(n for _, n in values)

@@ -99,12 +99,10 @@ class PruneReport:
             )
         if self.monitor:
             rows.append(
-                (
-                    f"{self.monitor} (cut / recovered)",
-                    _num(self.metric_before),
-                    f"{_num(self.metric_after_cut)} / {_num(self.metric_recovered)}",
-                )
+                (f"{self.monitor} (right after the cut)", _num(self.metric_before), _num(self.metric_after_cut))
             )
+            if self.metric_recovered is not None:
+                rows.append((f"{self.monitor} (after recovery)", _num(self.metric_before), _num(self.metric_recovered)))
         return rows
 
     def to_markdown(self) -> str:
@@ -136,3 +134,38 @@ def _si(n: float) -> str:
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def summary_table(reports: list[PruneReport]) -> str:
+    """The console table after fit: the model before the first event against after the last, and each event."""
+    first, last = reports[0], reports[-1]
+    lines = [
+        f"HalfPrune summary: {len(reports)} event(s), {first.before.params:,} -> {last.after.params:,} params "
+        f"({last.after.params / first.before.params:.1%}), {_si(first.before.macs)} -> {_si(last.after.macs)} MACs",
+        f"  {'event':>5} {'epoch':>5} {'step':>6} {'ratio':>6} {'params':>9} {'MACs':>9} {'latency ms':>11} "
+        f"{'metric':>17}",
+    ]
+    for i, r in enumerate(reports):
+        latency = f"{r.after.latency_ms:.3f}" if r.after.latency_ms is not None else "-"
+        metric = f"{_num(r.metric_before)} -> {_num(r.metric_recovered)}" if r.monitor else "-"
+        lines.append(
+            f"  {i:>5} {r.epoch:>5} {r.global_step:>6} {r.ratio:>6.3f} {_si(r.after.params):>9} "
+            f"{_si(r.after.macs):>9} {latency:>11} {metric:>17}"
+        )
+    return "\n".join(lines)
+
+
+def final_summary(reports: list[PruneReport]) -> dict[str, float]:
+    """Whole-fit figures for a run summary: final/original params and MACs, latency speed-up, metric delta."""
+    first, last = reports[0], reports[-1]
+    out = {
+        "halfprune/final_params_ratio": last.after.params / first.before.params,
+        "halfprune/final_macs_ratio": last.after.macs / first.before.macs if first.before.macs else float("nan"),
+        "halfprune/events": float(len(reports)),
+    }
+    if first.before.latency_ms and last.after.latency_ms:
+        out["halfprune/final_speedup"] = first.before.latency_ms / last.after.latency_ms
+    end = last.metric_recovered if last.metric_recovered is not None else last.metric_after_cut
+    if first.metric_before is not None and end is not None:
+        out["halfprune/final_metric_delta"] = end - first.metric_before
+    return {k: v for k, v in out.items() if not math.isnan(v)}
