@@ -29,7 +29,7 @@ def test_report_holds_before_after_and_the_monitored_metric(tmp_path, caplog):
     assert "| net.features.0 | 16 | 8 |" in report.to_markdown()
     assert report.to_dict()["after"]["params"] == report.after.params
     text = caplog.text
-    assert "HalfPrune epoch 1 step 8" in text and "HalfPrune summary: 1 event(s)" in text
+    assert "HalfPrune epoch 1 step 8" in text and "HalfPrune summary: 1 prune event(s)" in text
 
 
 def test_after_cut_metric_equals_a_real_validation_of_the_pruned_model(tmp_path):

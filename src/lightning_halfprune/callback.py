@@ -9,16 +9,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
+from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths, measure_latency
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -51,6 +53,12 @@ class HalfPrune(Callback):
             0 turns latency measurement off.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
             it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
+        mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is.
+        max_drop: turns the accuracy guard on: if ``patience`` validations after a cut ``monitor`` is still worse
+            than before it by more than this, the model, optimizers and history are restored exactly.
+        patience: validations to wait after a cut before the guard judges it.
+        on_violation: after a rollback, ``"stop"`` skips all later cuts; ``"halve"`` retries at the next prune
+            opportunity (next epoch, or next step) with half the step from the last kept ratio.
         verbose: print a summary line per event (rank 0 only).
     """
 
@@ -67,6 +75,10 @@ class HalfPrune(Callback):
         calibration_dataloader: Any = None,
         latency_batch_size: int = 64,
         monitor: Optional[str] = None,
+        mode: Literal["max", "min"] = "max",
+        max_drop: Optional[float] = None,
+        patience: int = 1,
+        on_violation: Literal["stop", "halve"] = "stop",
         verbose: bool = True,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
@@ -87,6 +99,12 @@ class HalfPrune(Callback):
         self.latency_batch_size = latency_batch_size
         self.monitor = monitor
         self.verbose = verbose
+        _check_guard(monitor, mode, max_drop, patience, on_violation)
+        self.mode, self.max_drop, self.patience, self.on_violation = mode, max_drop, patience, on_violation
+        self.guard = AccuracyGuard(mode, max_drop, patience) if monitor and max_drop is not None else None
+        self.skipped: list[int] = []  # prune points undone by the guard: never redone, also not after a resume
+        self.retries: dict[int, float] = {}  # point -> ratio, added by on_violation="halve"
+        self.stopped = False
         self.history: list[dict[str, Any]] = []
         self.original_widths: dict[str, int] = {}
         self.reports: list[PruneReport] = []
@@ -121,20 +139,31 @@ class HalfPrune(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._record_recovery(trainer)
+            self._judge_watched_cut(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        publish.fit_summary(trainer, self.reports, self.verbose)
+        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._surgeon is not None:
             checkpoint[ckpt.KEY] = ckpt.pack(self.history, self.original_widths, self._surgeon.example_input)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "original_widths": self.original_widths, "schedule": self.schedule.to_dict()}
+        return {
+            "history": self.history,
+            "original_widths": self.original_widths,
+            "schedule": self.schedule.to_dict(),
+            "skipped": self.skipped,
+            "retries": self.retries,
+            "stopped": self.stopped,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.original_widths = dict(state_dict.get("original_widths", {}))
+        self.skipped = list(state_dict.get("skipped", []))
+        self.retries = {int(k): float(v) for k, v in state_dict.get("retries", {}).items()}
+        self.stopped = bool(state_dict.get("stopped", False))
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -143,21 +172,26 @@ class HalfPrune(Callback):
         That happens when the checkpoint was written at validation end, just before that epoch's cut.
         """
         now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step + 1
-        done = {event["point"] for event in self.history}
+        done = {event["point"] for event in self.history} | set(self.skipped)
         missed = [p for p in self.schedule.points if p < now and p not in done]
         if missed:
             self._prune_if_scheduled(trainer, pl_module, max(missed))
 
     def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
-        ratio = self.schedule.ratio_at(point)
-        if ratio is None or any(event["point"] == point for event in self.history):
+        ratio = self.retries.get(point, self.schedule.ratio_at(point))
+        if ratio is None or self.stopped or any(event["point"] == point for event in self.history):
             return
+        if self.guard is not None and self.guard.watch is not None:
+            self._judge_watched_cut(trainer, pl_module, final=True)
+            if self.stopped or point in self.skipped:
+                return
         self.prune(trainer, pl_module, ratio, point)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, point: int) -> PruneReport:
         """Cut the model to cumulative ``ratio`` now, carry the optimizers over, and return the report."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        snapshot = ModelSnapshot(pl_module, trainer.optimizers) if self.guard is not None else None
         with _timed(timings, "measure"):
             before = self._stats(pl_module)
             metric_before = self._last_metric(trainer)
@@ -195,7 +229,56 @@ class HalfPrune(Callback):
         with _timed(timings, "log"):
             publish.event(trainer, report, len(self.reports) - 1, self.verbose)
         report.seconds = time.perf_counter() - start
+        if snapshot is not None and metric_before is not None:
+            previous = self.history[-2]["ratio"] if len(self.history) > 1 else 0.0
+            self.guard.arm(
+                Watch(snapshot, metric_before, len(self.history) - 1, len(self.reports) - 1, previous, ratio)
+            )
         return report
+
+    def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
+        """Count a validation against the cut under watch; undo the cut if the metric stayed too far down."""
+        if self.guard is None or self.guard.watch is None:
+            return
+        verdict = self.guard.judge(self._last_metric(trainer))
+        if final and verdict == "wait":
+            verdict = "undo" if self.guard.worse_by(self._last_metric(trainer)) > self.max_drop else "keep"
+        verdict = trainer.strategy.broadcast(verdict, src=0)  # every rank acts on rank 0's metric
+        if verdict == "undo":
+            self._roll_back(trainer, pl_module)
+        if verdict != "wait":
+            self.guard.watch = None
+
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        watch = self.guard.watch
+        watch.snapshot.restore(pl_module.device)
+        rewrap_ddp(trainer.strategy)
+        undone = self.history[watch.history_len]
+        del self.history[watch.history_len :]
+        self.skipped.append(undone["point"])
+        report = self.reports[watch.report_index]
+        report.rolled_back = True
+        if self.on_violation == "halve":
+            retry = watch.ratio_before + (watch.ratio - watch.ratio_before) / 2
+            now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
+            self.retries[now + 1] = retry
+        else:
+            self.stopped = True
+        value = self._last_metric(trainer)
+        message = (
+            f"HalfPrune rolled back the cut to ratio {watch.ratio:.3g} at {self.schedule.interval} {undone['point']}: "
+            f"{self.monitor} {watch.before:.4f} -> {value:.4f} is worse by more than max_drop={self.max_drop}; "
+            + (
+                f"retrying at ratio {self.retries[max(self.retries)]:.3g}."
+                if self.on_violation == "halve"
+                else "no more cuts."
+            )
+        )
+        if self.verbose:
+            rank_zero_info(message)
+        publish.scalars(
+            trainer, {"halfprune/rollback": float(watch.report_index), "halfprune/ratio": watch.ratio_before}
+        )
 
     # ------------------------------------------------------------------ helpers
     def config(self) -> dict[str, Any]:
@@ -210,6 +293,10 @@ class HalfPrune(Callback):
             "scoring_batches": self.scoring_batches,
             "latency_batch_size": self.latency_batch_size,
             "monitor": self.monitor,
+            "mode": self.mode,
+            "max_drop": self.max_drop,
+            "patience": self.patience,
+            "on_violation": self.on_violation,
         }
 
     def _last_metric(self, trainer: pl.Trainer) -> float | None:
@@ -301,6 +388,19 @@ def _as_mapping(schedule: Any) -> Mapping:
     if not isinstance(schedule, Mapping):
         raise TypeError(f"`schedule` must be a mapping {{epoch: ratio}} or a Schedule, got {schedule!r}.")
     return schedule
+
+
+def _check_guard(monitor: Any, mode: Any, max_drop: Any, patience: Any, on_violation: Any) -> None:
+    if mode not in ("max", "min"):
+        raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}.")
+    if on_violation not in ("stop", "halve"):
+        raise ValueError(f"`on_violation` must be 'stop' or 'halve', got {on_violation!r}.")
+    _check_int("patience", patience, minimum=1)
+    if max_drop is not None:
+        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
+            raise ValueError(f"`max_drop` must be a number >= 0, got {max_drop!r}.")
+        if not monitor:
+            raise ValueError(f"`max_drop={max_drop}` guards a metric: also pass `monitor=` (e.g. 'val_acc').")
 
 
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:

@@ -37,15 +37,15 @@ def scalars(trainer: pl.Trainer, values: dict[str, float]) -> None:
         _safely(logger, logger.log_metrics, values, step=trainer.global_step)
 
 
-def fit_summary(trainer: pl.Trainer, reports: Sequence[PruneReport], verbose: bool) -> None:
+def fit_summary(trainer: pl.Trainer, reports: Sequence[PruneReport], final_metric: float | None, verbose: bool) -> None:
     """After fit: the summary table on the console and the final figures in the W&B run summary."""
     if not reports:
         return
     if verbose:
-        rank_zero_info(summary_table(reports))
+        rank_zero_info(summary_table(list(reports), final_metric))
     if trainer.is_global_zero:
         for logger in _wandb(trainer):
-            _safely(logger, logger.experiment.summary.update, final_summary(reports))
+            _safely(logger, _wandb_summary, logger, final_summary(list(reports), final_metric))
 
 
 def _wandb_widths(logger: WandbLogger, report: PruneReport, index: int, step: int) -> None:
@@ -61,6 +61,10 @@ def _wandb_widths(logger: WandbLogger, report: PruneReport, index: int, step: in
             "trainer/global_step": step,
         }
     )
+
+
+def _wandb_summary(logger: WandbLogger, values: dict[str, float]) -> None:
+    logger.experiment.summary.update(values)
 
 
 def _wandb(trainer: pl.Trainer) -> list[WandbLogger]:

@@ -37,6 +37,7 @@ class PruneReport:
     metric_after_cut: float | None = None
     metric_recovered: float | None = None
     latency_batch_size: int | None = None
+    rolled_back: bool = False
 
     @property
     def params_ratio(self) -> float:
@@ -136,26 +137,47 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def summary_table(reports: list[PruneReport]) -> str:
-    """The console table after fit: the model before the first event against after the last, and each event."""
+def summary_table(reports: list[PruneReport], final_metric: float | None = None) -> str:
+    """The console table after fit: the model before the first cut against the model after fit, then each event."""
     first, last = reports[0], reports[-1]
+    metric = final_metric if final_metric is not None else last.metric_recovered
+    rows = [
+        ("params", _si(first.before.params), _si(last.after.params), f"{last.after.params / first.before.params:.1%}"),
+        ("MACs / sample", _si(first.before.macs), _si(last.after.macs), f"{last.after.macs / first.before.macs:.1%}"),
+    ]
+    if first.before.latency_ms and last.after.latency_ms:
+        speedup = first.before.latency_ms / last.after.latency_ms
+        rows.append(
+            (
+                f"latency ms (batch {first.latency_batch_size})",
+                f"{first.before.latency_ms:.3f}",
+                f"{last.after.latency_ms:.3f}",
+                f"{speedup:.2f}x faster",
+            )
+        )
+    if first.monitor and first.metric_before is not None and metric is not None:
+        rows.append((first.monitor, _num(first.metric_before), _num(metric), f"{metric - first.metric_before:+.4f}"))
+    width = max(len(r[0]) for r in rows)
     lines = [
-        f"HalfPrune summary: {len(reports)} event(s), {first.before.params:,} -> {last.after.params:,} params "
-        f"({last.after.params / first.before.params:.1%}), {_si(first.before.macs)} -> {_si(last.after.macs)} MACs",
-        f"  {'event':>5} {'epoch':>5} {'step':>6} {'ratio':>6} {'params':>9} {'MACs':>9} {'latency ms':>11} "
-        f"{'metric':>17}",
+        f"HalfPrune summary: {len(reports)} prune event(s); before the first cut -> after fit",
+        f"  {'':<{width}}  {'before':>10}  {'after':>10}",
+        *[f"  {a:<{width}}  {b:>10}  {c:>10}   ({d})" for a, b, c, d in rows],
+        f"  {'event':>5} {'epoch':>5} {'step':>6} {'ratio':>6} {'params':>9} {'MACs':>9} {'latency ms':>11}  "
+        + (f"{first.monitor}: before -> after cut -> recovered" if first.monitor else ""),
     ]
     for i, r in enumerate(reports):
         latency = f"{r.after.latency_ms:.3f}" if r.after.latency_ms is not None else "-"
-        metric = f"{_num(r.metric_before)} -> {_num(r.metric_recovered)}" if r.monitor else "-"
+        trail = (
+            f"{_num(r.metric_before)} -> {_num(r.metric_after_cut)} -> {_num(r.metric_recovered)}" if r.monitor else ""
+        )
         lines.append(
             f"  {i:>5} {r.epoch:>5} {r.global_step:>6} {r.ratio:>6.3f} {_si(r.after.params):>9} "
-            f"{_si(r.after.macs):>9} {latency:>11} {metric:>17}"
+            f"{_si(r.after.macs):>9} {latency:>11}  {trail}"
         )
     return "\n".join(lines)
 
 
-def final_summary(reports: list[PruneReport]) -> dict[str, float]:
+def final_summary(reports: list[PruneReport], final_metric: float | None = None) -> dict[str, float]:
     """Whole-fit figures for a run summary: final/original params and MACs, latency speed-up, metric delta."""
     first, last = reports[0], reports[-1]
     out = {
@@ -165,7 +187,7 @@ def final_summary(reports: list[PruneReport]) -> dict[str, float]:
     }
     if first.before.latency_ms and last.after.latency_ms:
         out["halfprune/final_speedup"] = first.before.latency_ms / last.after.latency_ms
-    end = last.metric_recovered if last.metric_recovered is not None else last.metric_after_cut
+    end = final_metric if final_metric is not None else last.metric_recovered
     if first.metric_before is not None and end is not None:
         out["halfprune/final_metric_delta"] = end - first.metric_before
     return {k: v for k, v in out.items() if not math.isnan(v)}

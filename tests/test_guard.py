@@ -1,0 +1,92 @@
+"""The accuracy guard undoes a cut that hurt the monitored metric, exactly, and then stops or halves the step."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_halfprune import HalfPrune
+from models import Classifier, loaders, trainer
+
+
+class WidthScored(Classifier):
+    """Logs the fraction of conv channels left as its validation "accuracy": every cut makes it deterministically
+    worse by exactly the fraction removed, so the guard's decisions are known in advance."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        widths = self.net.features[0].out_channels + self.net.features[3].out_channels
+        self.log("capacity", widths / 48)
+
+
+class Snapshotter(pl.Callback):
+    """Listed before HalfPrune: copies the model and optimizer state right before each cut."""
+
+    def __init__(self):
+        self.taken = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.taken[trainer.current_epoch] = (
+            {n: t.detach().clone() for n, t in pl_module.state_dict().items()},
+            copy.deepcopy(trainer.optimizers[0].state_dict()),
+        )
+
+
+def test_a_destructive_cut_is_rolled_back_bit_for_bit_and_later_cuts_stop(tmp_path):
+    model, snaps = WidthScored("plain_cnn"), Snapshotter()
+    prune = HalfPrune({1: 0.5, 3: 0.6}, monitor="capacity", max_drop=0.1, patience=2)
+    trainer(tmp_path, max_epochs=5, callbacks=[snaps, prune]).fit(model, *loaders())
+
+    assert prune.history == [] and prune.skipped == [1] and prune.stopped
+    assert len(prune.reports) == 1 and prune.reports[0].rolled_back
+    assert model.net.features[0].out_channels == 16  # the full model is back, and epoch 3's cut never happened
+    weights, _ = snaps.taken[1]
+    assert all(p.shape == weights[n].shape for n, p in model.state_dict().items())
+    assert len(model.losses) == 5 * 4  # training went on after the rollback
+
+
+def test_rollback_restores_the_exact_snapshot(tmp_path):
+    model, snaps = WidthScored("plain_cnn", optimizer="adamw"), Snapshotter()
+    prune = HalfPrune({1: 0.5}, monitor="capacity", max_drop=0.1, patience=1)
+
+    class StopRightAfterRollback(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if prune.skipped:
+                trainer.should_stop = True
+
+    callbacks = [snaps, prune, StopRightAfterRollback()]
+    trainer(tmp_path, max_epochs=4, callbacks=callbacks, limit_train_batches=4).fit(model, *loaders())
+    weights, opt_state = snaps.taken[1]
+    # epoch 2 trained the pruned model, its validation triggered the rollback, training stopped right there
+    assert prune.skipped == [1]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    now = model.trainer.optimizers[0].state_dict()
+    for key, state in opt_state["state"].items():
+        for k, v in state.items():
+            assert torch.equal(now["state"][key][k], v)
+    assert [id(p) for p in model.trainer.optimizers[0].param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+
+
+def test_halve_retries_with_half_the_step(tmp_path):
+    model = WidthScored("plain_cnn")
+    prune = HalfPrune({0: 0.5}, monitor="capacity", max_drop=0.3, patience=1, on_violation="halve")
+    trainer(tmp_path, max_epochs=4, callbacks=[prune]).fit(model, *loaders())
+    assert prune.skipped == [0] and prune.retries == {2: 0.25}
+    assert [e["ratio"] for e in prune.history] == [0.25]
+    assert model.net.features[0].out_channels == 12 and len(model.losses) == 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_drop": 0.01}, "also pass `monitor=`"),
+        ({"monitor": "val_acc", "max_drop": -1}, "`max_drop` must be a number >= 0, got -1"),
+        ({"monitor": "val_acc", "mode": "maximum"}, "`mode` must be 'max' or 'min', got 'maximum'"),
+        ({"monitor": "val_acc", "on_violation": "retry"}, "`on_violation` must be 'stop' or 'halve'"),
+    ],
+)
+def test_bad_guard_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HalfPrune({1: 0.5}, **kwargs)
