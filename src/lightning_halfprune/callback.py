@@ -181,10 +181,13 @@ class HalfPrune(Callback):
         ratio = self.retries.get(point, self.schedule.ratio_at(point))
         if ratio is None or self.stopped or any(event["point"] == point for event in self.history):
             return
-        if self.guard is not None and self.guard.watch is not None:
-            self._judge_watched_cut(trainer, pl_module, final=True)
-            if self.stopped or point in self.skipped:
-                return
+        if (
+            self.guard is not None
+            and self.guard.watch is not None
+            and self._judge_watched_cut(trainer, pl_module, True)
+        ):
+            self.skipped.append(point)  # just rolled back: this point's cut is not made on top of the undone one
+            return
         self.prune(trainer, pl_module, ratio, point)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, point: int) -> PruneReport:
@@ -229,17 +232,20 @@ class HalfPrune(Callback):
         with _timed(timings, "log"):
             publish.event(trainer, report, len(self.reports) - 1, self.verbose)
         report.seconds = time.perf_counter() - start
-        if snapshot is not None and metric_before is not None:
+        if snapshot is not None and metric_before is not None and cuts:
             previous = self.history[-2]["ratio"] if len(self.history) > 1 else 0.0
             self.guard.arm(
                 Watch(snapshot, metric_before, len(self.history) - 1, len(self.reports) - 1, previous, ratio)
             )
         return report
 
-    def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
-        """Count a validation against the cut under watch; undo the cut if the metric stayed too far down."""
+    def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> bool:
+        """Count a validation against the cut under watch; undo the cut if the metric stayed too far down.
+
+        ``final`` judges now, whatever the patience (the next cut is due). Returns True if the cut was undone.
+        """
         if self.guard is None or self.guard.watch is None:
-            return
+            return False
         verdict = self.guard.judge(self._last_metric(trainer))
         if final and verdict == "wait":
             verdict = "undo" if self.guard.worse_by(self._last_metric(trainer)) > self.max_drop else "keep"
@@ -248,6 +254,7 @@ class HalfPrune(Callback):
             self._roll_back(trainer, pl_module)
         if verdict != "wait":
             self.guard.watch = None
+        return verdict == "undo"
 
     def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         watch = self.guard.watch
