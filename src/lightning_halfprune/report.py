@@ -170,6 +170,7 @@ def summary_table(reports: list[PruneReport], final_metric: float | None = None)
         trail = (
             f"{_num(r.metric_before)} -> {_num(r.metric_after_cut)} -> {_num(r.metric_recovered)}" if r.monitor else ""
         )
+        trail += "  (rolled back)" if r.rolled_back else ""
         lines.append(
             f"  {i:>5} {r.epoch:>5} {r.global_step:>6} {r.ratio:>6.3f} {_si(r.after.params):>9} "
             f"{_si(r.after.macs):>9} {latency:>11}  {trail}"
