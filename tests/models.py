@@ -153,8 +153,9 @@ class Classifier(pl.LightningModule):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss)
-        self.losses.append(loss.item())
-        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self._current_fx_name == "training_step":  # not when a scorer calls it from a callback hook
+            self.losses.append(loss.item())
+            self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch, batch_idx):

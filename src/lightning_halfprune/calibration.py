@@ -44,7 +44,28 @@ def take_batches(dataloader: Any, n: int, device: torch.device) -> list[Any]:
             "a data-driven scorer needs batches, but there is no training dataloader to draw them from: "
             "pass `calibration_dataloader=` to HalfPrune."
         )
-    return [move_data_to_device(batch, device) for batch in islice(iter(dataloader), n)]
+    generators = _generators_of(dataloader)
+    states = [g.get_state() for g in generators]
+    try:
+        return [move_data_to_device(batch, device) for batch in islice(iter(dataloader), n)]
+    finally:  # a fresh iterator draws a new shuffle from the loader's own generator: give the fit its draw back
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+
+
+def _generators_of(dataloader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader's shuffling draws from (beyond the global RNG)."""
+    found = []
+    for owner in (
+        dataloader,
+        getattr(dataloader, "sampler", None),
+        getattr(dataloader, "batch_sampler", None),
+        getattr(getattr(dataloader, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
 
 
 def training_loss(module: Any) -> Callable[[Any], torch.Tensor]:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,6 +24,7 @@ from lightning_halfprune.calibration import take_batches, training_loss, undistu
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths, measure_latency
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
+from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.schedule import Schedule
 from lightning_halfprune.scoring import Scorer, _inputs_of, get_scorer, needs_data
@@ -49,6 +51,10 @@ class HalfPrune(Callback):
             training batch's input.
         scoring_batches: how many batches data-driven scorers look at.
         calibration_dataloader: where those batches come from; default a fresh iterator over the training data.
+        regularization: strength of a sparsity penalty added to the gradients before each optimizer step, from
+            epoch ``regularize_from`` until the last prune point (group lasso; L1 on BatchNorm scales with
+            ``scorer="bn_scale"``). 0 turns it off.
+        regularize_from: the epoch the penalty starts.
         latency_batch_size: batch size at which inference latency is measured before and after each event;
             0 turns latency measurement off.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
@@ -73,6 +79,8 @@ class HalfPrune(Callback):
         example_input: Any = None,
         scoring_batches: int = 8,
         calibration_dataloader: Any = None,
+        regularization: float = 0.0,
+        regularize_from: int = 0,
         latency_batch_size: int = 64,
         monitor: Optional[str] = None,
         mode: Literal["max", "min"] = "max",
@@ -96,6 +104,10 @@ class HalfPrune(Callback):
         self.example_input = example_input
         self.scoring_batches = scoring_batches
         self.calibration_dataloader = calibration_dataloader
+        if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
+            raise ValueError(f"`regularization` must be a number >= 0, got {regularization!r}.")
+        _check_int("regularize_from", regularize_from, minimum=0)
+        self.regularization, self.regularize_from = float(regularization), regularize_from
         self.latency_batch_size = latency_batch_size
         self.monitor = monitor
         self.verbose = verbose
@@ -131,6 +143,15 @@ class HalfPrune(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.interval == "epoch":
             self._prune_if_scheduled(trainer, pl_module, trainer.current_epoch)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.regularization and self._regularizing(trainer):
+            if self.scorer_name == "bn_scale":
+                add_bn_l1_grad(pl_module, self.regularization)
+            else:
+                add_group_lasso_grad(self._surgeon.groups(), self.regularization)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.schedule.interval == "step":
@@ -298,6 +319,7 @@ class HalfPrune(Callback):
             "max_layer_ratio": self.max_layer_ratio,
             "global_pruning": self.global_pruning,
             "scoring_batches": self.scoring_batches,
+            "regularization": self.regularization,
             "latency_batch_size": self.latency_batch_size,
             "monitor": self.monitor,
             "mode": self.mode,
@@ -305,6 +327,10 @@ class HalfPrune(Callback):
             "patience": self.patience,
             "on_violation": self.on_violation,
         }
+
+    def _regularizing(self, trainer: pl.Trainer) -> bool:
+        now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
+        return trainer.current_epoch >= self.regularize_from and any(p >= now for p in self.schedule.points)
 
     def _last_metric(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor) if self.monitor else None

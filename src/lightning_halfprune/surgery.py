@@ -166,6 +166,7 @@ class Surgeon:
         self.graph_builds = 0
         self._graph: tp.DependencyGraph | None = None
         self._signature: tuple = ()
+        self._groups: tuple[tuple, list[ChannelGroup]] | None = None
         self.original_widths = dict(original_widths) if original_widths else {g.name: g.width for g in self.groups()}
         if not self.original_widths:
             raise ValueError(
@@ -196,8 +197,13 @@ class Surgeon:
                 ) from err
 
     def groups(self) -> list[ChannelGroup]:
-        """Every prunable coupled group, in a stable order, without those that reach the model's output."""
+        """Every prunable coupled group, in a stable order, without those that reach the model's output.
+
+        Cached until the model's parameters change (a cut, or anything else that replaces them).
+        """
         graph = self.graph
+        if self._groups is not None and self._groups[0] == self._signature:
+            return self._groups[1]
         ignored = [m for layer in self.ignored_layers for m in layer.modules()]
         found = []
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
@@ -207,6 +213,7 @@ class Surgeon:
             found.append(
                 ChannelGroup(graph._module2name[root], group, graph.get_out_channels(root), _slots(graph, group))
             )
+        self._groups = (self._signature, found)
         return found
 
     @property
