@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_halfprune import HalfPrune, PruneReport
@@ -64,6 +65,7 @@ def test_wandb_offline_run_holds_scalars_tables_config_and_summary(tmp_path):
         Classifier("plain_cnn"), *loaders()
     )
     logger.experiment.finish()
+    wandb.teardown()  # stops wandb's service process, which flushes the run's transaction log
     run = OfflineRun(str(tmp_path))
     assert len(run.scalar("halfprune/params_after")) == 2
     assert run.scalar("halfprune/ratio") == [0.25, 0.5]

@@ -21,6 +21,7 @@ from torch import nn
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
+from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths, measure_latency
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
@@ -125,6 +126,7 @@ class HalfPrune(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy)
         if stage == "fit":
             self.schedule.check_fits(trainer.max_epochs, trainer.max_steps)
             resolve_ignored(pl_module, self.ignored_layers)
@@ -226,7 +228,7 @@ class HalfPrune(Callback):
             rewrap_ddp(trainer.strategy)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
-            metric_after_cut = self._evaluate(trainer, pl_module)
+            metric_after_cut = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
         self.history.append(
             {
                 "point": point,
@@ -249,10 +251,11 @@ class HalfPrune(Callback):
             metric_before=metric_before,
             metric_after_cut=metric_after_cut,
         )
-        self.reports.append(report)
         with _timed(timings, "log"):
-            publish.event(trainer, report, len(self.reports) - 1, self.verbose)
+            publish.event(trainer, report, len(self.reports), self.verbose)
         report.seconds = time.perf_counter() - start
+        report = from_rank_zero(trainer.strategy, report)
+        self.reports.append(report)
         if snapshot is not None and metric_before is not None and cuts:
             previous = self.history[-2]["ratio"] if len(self.history) > 1 else 0.0
             self.guard.arm(
@@ -333,8 +336,9 @@ class HalfPrune(Callback):
         return trainer.current_epoch >= self.regularize_from and any(p >= now for p in self.schedule.points)
 
     def _last_metric(self, trainer: pl.Trainer) -> float | None:
+        """The monitored metric's last logged value, averaged over ranks."""
         value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-        return None if value is None else float(value)
+        return mean_over_ranks(trainer.strategy, None if value is None else float(value))
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         loaders = trainer.val_dataloaders
@@ -385,7 +389,7 @@ class HalfPrune(Callback):
                 batches = take_batches(loader, self.scoring_batches, pl_module.device)
                 self.scorer.calibrate(pl_module, batches, training_loss(pl_module))
             try:
-                return self._surgeon.plan(ratio, self.scorer)
+                return self._surgeon.plan(ratio, agreed(trainer.strategy, self.scorer))
             finally:
                 getattr(self.scorer, "release", lambda: None)()
 
