@@ -8,6 +8,7 @@ param-group settings and every LR scheduler stay exactly as they were.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,8 +47,11 @@ def rewrap_ddp(strategy: Any) -> bool:
     DDP's reducer holds the old parameters; a new wrapper registers the new ones (and broadcasts rank 0's
     weights, which are identical on every rank after a synchronised cut).
     """
-    if not isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+    old = getattr(strategy, "model", None)
+    if not isinstance(old, DistributedDataParallel):
         return False
     strategy.model = strategy._setup_model(strategy.lightning_module)
     strategy._register_ddp_hooks()
+    del old
+    gc.collect()  # free the old wrapper's reducer now, while the process group is alive, not at interpreter exit
     return True
