@@ -60,3 +60,7 @@ if __name__ == "__main__":
         num_sanity_val_steps=0,
     )
     trainer.fit(Classifier("resnet"), train, val, ckpt_path=ckpt)
+    if torch.distributed.is_initialized():
+        # without this, gloo's process group is torn down at interpreter exit and, after collectives, the process
+        # aborts now and then ("terminate called without an active exception"): a PyTorch exit-order issue
+        torch.distributed.destroy_process_group()

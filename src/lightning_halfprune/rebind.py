@@ -53,5 +53,5 @@ def rewrap_ddp(strategy: Any) -> bool:
     strategy.model = strategy._setup_model(strategy.lightning_module)
     strategy._register_ddp_hooks()
     del old
-    gc.collect()  # free the old wrapper's reducer now, while the process group is alive, not at interpreter exit
+    gc.collect()  # free the old wrapper's reducer and its buckets now, not whenever a later cycle collection runs
     return True
