@@ -10,6 +10,7 @@ own). Latency: median of 3 x 30 timed forward passes at batch 256 on the CPU, to
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -19,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BATCH, THREADS, mean_std, run_variant  # noqa: E402
+from common import BATCH, THREADS, mean_std, median, quiet_trainer, run_variant  # noqa: E402
 
 from lightning_halfprune import SCORERS  # noqa: E402
 
@@ -45,15 +46,15 @@ def table(seeds: list[int], epochs: int, quick: bool) -> tuple[list[str], dict]:
         results[label] = [run_variant(variant, s, epochs, scorer, quick) for s in seeds]
         print(label, [round(r["test_acc"], 4) for r in results[label]], flush=True)
     ref = results[variants[0][0]]
-    ref_macs, ref_lat = ref[0]["macs"], mean_std([r["latency_ms"] for r in ref])[0]
+    ref_macs, ref_lat = ref[0]["macs"], median([r["latency_ms"] for r in ref])
     lines = [
-        "| variant | test acc (mean ± std) | params | MACs / sample | latency ms @256 | speed-up / MACs reduction "
-        "| prune events' share of training | peak RSS MB | wall s |",
+        "| variant | test acc (mean ± std) | params | MACs / sample | latency ms @256 (median) "
+        "| speed-up / MACs reduction | prune events' share of training | peak RSS MB | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, runs in results.items():
         acc = mean_std([r["test_acc"] for r in runs])
-        latency = sorted(r["latency_ms"] for r in runs)[len(runs) // 2]
+        latency = median([r["latency_ms"] for r in runs])
         speedup, reduction = ref_lat / latency, ref_macs / runs[0]["macs"]
         share = mean_std([r["event_seconds"] / r["wall_seconds"] for r in runs])[0]
         lines.append(
@@ -101,15 +102,7 @@ def sweep(widths: list[int]) -> tuple[list[str], list[tuple[int, float]]]:
     for width in widths:
         model = ConvNet(width)
         prune = HalfPrune({0: 0.5}, latency_batch_size=0, verbose=False)
-        pl.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[prune],
-        ).fit(model, data)
+        quiet_trainer(1, [prune]).fit(model, data)
         r = prune.reports[0]
         points.append((r.before.params, r.seconds))
         t = r.timings
@@ -124,8 +117,8 @@ def targets(results: dict, points: list[tuple[int, float]]) -> list[str]:
     labels = list(results)
     ref, small, ours = (results[labels[i]] for i in range(3))
     acc = {k: mean_std([r["test_acc"] for r in v])[0] for k, v in (("ref", ref), ("small", small), ("ours", ours))}
-    ref_lat = mean_std([r["latency_ms"] for r in ref])[0]
-    our_lat = sorted(r["latency_ms"] for r in ours)[len(ours) // 2]
+    ref_lat = median([r["latency_ms"] for r in ref])
+    our_lat = median([r["latency_ms"] for r in ours])
     ratio = (ref_lat / our_lat) / (ref[0]["macs"] / ours[0]["macs"])
     share = max(r["event_seconds"] / r["wall_seconds"] for r in ours)
     (p0, t0), (p1, t1) = points[-2], points[-1]
@@ -184,6 +177,8 @@ def main() -> None:
         ]
     )
     out = args.out or ("benchmarks/quick.md" if args.quick else "BENCHMARKS.md")
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({"rows": results, "sweep": points}, f, indent=1)
     with open(out, "w") as f:
         f.write(text + "\n")
     print(text)

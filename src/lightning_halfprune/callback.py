@@ -23,7 +23,14 @@ from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
-from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths, measure_latency
+from lightning_halfprune.measure import (
+    MacCounter,
+    architecture,
+    count_params,
+    evaluate_metric,
+    layer_widths,
+    measure_latency,
+)
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -123,6 +130,7 @@ class HalfPrune(Callback):
         self.reports: list[PruneReport] = []
         self._surgeon: Surgeon | None = None
         self._macs = MacCounter()
+        self._latency: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -395,7 +403,12 @@ class HalfPrune(Callback):
 
     def _stats(self, pl_module: pl.LightningModule) -> ModelStats:
         example = self._surgeon.example_input
-        latency = measure_latency(pl_module, example, self.latency_batch_size) if self.latency_batch_size else None
+        latency = None
+        if self.latency_batch_size:  # timed once per architecture: the next cut's "before" is this cut's "after"
+            key = architecture(pl_module)
+            if key not in self._latency:
+                self._latency = {key: measure_latency(pl_module, example, self.latency_batch_size)}
+            latency = self._latency[key]
         return ModelStats(
             params=count_params(pl_module),
             macs=self._macs(pl_module, example),

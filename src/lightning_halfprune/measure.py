@@ -40,6 +40,11 @@ def _inside_attention(model: nn.Module, name: str) -> bool:
     return bool(name) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
 
 
+def architecture(model: nn.Module) -> tuple:
+    """A key that changes exactly when a parameter's name or shape does: what MACs and latency depend on."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
 class MacCounter:
     """Multiply-accumulates of one forward pass per sample, counted with forward hooks, cached per architecture.
 
@@ -51,7 +56,7 @@ class MacCounter:
         self._cache: dict[tuple, int] = {}
 
     def __call__(self, model: nn.Module, example_input: Any) -> int:
-        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        key = architecture(model)
         if key not in self._cache:
             self._cache[key] = self._count(model, example_input)
         return self._cache[key]
