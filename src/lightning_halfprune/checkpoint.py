@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.core.module import _jit_is_scripting
 from torch import nn
 
@@ -33,7 +34,7 @@ def pack(history: list[dict], original_widths: dict[str, int], example_input: An
         "version": 1,
         "history": [dict(event) for event in history],
         "original_widths": dict(original_widths),
-        "example_input": _to_cpu(example_input),
+        "example_input": move_data_to_device(example_input, "cpu"),
     }
 
 
@@ -65,7 +66,7 @@ def restore_shape(model: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
     if not cuts:
         return False
     _check_original_widths(model, state["original_widths"])
-    example = _to_device(state.get("example_input"), _device_of(model))
+    example = move_data_to_device(state.get("example_input"), _device_of(model))
     if example is None:
         raise CheckpointError("the HalfPrune state in this checkpoint has no example input to trace the model with.")
     surgeon = Surgeon(model, example, original_widths=state["original_widths"])
@@ -103,7 +104,7 @@ def export(
     example = example_input if example_input is not None else getattr(model, "example_input_array", None)
     if example is None:
         raise ValueError("`example_input` is needed to export (or set `example_input_array` on the model).")
-    example = _to_device(example, _device_of(model))
+    example = move_data_to_device(example, _device_of(model))
     args = example if isinstance(example, tuple) else (example,)
     model = model.eval()
     path = os.fspath(path)
@@ -159,17 +160,3 @@ def _init_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _to_cpu(x: Any) -> Any:
-    return _to_device(x, torch.device("cpu"))
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if torch.is_tensor(x):
-        return x.detach().to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x

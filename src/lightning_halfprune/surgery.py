@@ -76,20 +76,13 @@ class ParamRemap:
         return len(self.steps)
 
 
-def as_tuple_input(example_input: Any) -> Callable[[nn.Module, Any], Any]:
+def run_model(model: nn.Module, x: Any) -> Any:
     """Lightning's ``example_input_array`` convention: tuple -> ``*args``, dict -> ``**kwargs``, else one arg."""
-
-    def forward(model: nn.Module, x: Any) -> Any:
-        if isinstance(x, dict):
-            return model(**x)
-        if isinstance(x, tuple):
-            return model(*x)
-        return model(x)
-
-    return forward
-
-
-run_model = as_tuple_input(None)
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, tuple):
+        return model(*x)
+    return model(x)
 
 
 @contextlib.contextmanager
@@ -319,10 +312,6 @@ class Surgeon:
         if not graph.check_pruning_group(group):
             raise SurgeryError(f"removing {len(cut.channels)} channels from {cut.layer!r} would empty a coupled layer.")
         group.prune(record_history=False)
-
-    def replay(self, cuts: Sequence[Cut]) -> None:
-        """Redo recorded cuts on a model of the original shape (used when loading checkpoints)."""
-        self.cut(cuts)
 
 
 # -------------------------------------------------------------------- helpers
