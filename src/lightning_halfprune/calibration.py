@@ -68,6 +68,27 @@ def _generators_of(dataloader: Any) -> list[torch.Generator]:
     return found
 
 
+@contextlib.contextmanager
+def logging_redirected(
+    module: Any, log: Callable[..., None], log_dict: Callable[..., None] | None = None
+) -> Iterator[None]:
+    """Send a LightningModule's ``self.log`` / ``self.log_dict`` calls to other functions, outside the Trainer's loops.
+
+    ``log_dict`` defaults to calling ``log`` once per item.
+    """
+
+    def each(dictionary: dict, *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            log(name, value, **kwargs)
+
+    saved = module.log, module.log_dict
+    module.log, module.log_dict = log, log_dict or each
+    try:
+        yield
+    finally:
+        module.log, module.log_dict = saved
+
+
 def training_loss(module: Any) -> Callable[[Any], torch.Tensor]:
     """The loss of the LightningModule's own ``training_step`` on a batch, with its ``self.log`` calls muted."""
 
@@ -77,12 +98,8 @@ def training_loss(module: Any) -> Callable[[Any], torch.Tensor]:
                 "the `taylor` scorer needs a loss from `training_step`, which is unavailable with manual "
                 "optimization; choose another `scorer`."
             )
-        log, log_dict = module.log, module.log_dict
-        module.log = module.log_dict = lambda *args, **kwargs: None
-        try:
+        with logging_redirected(module, lambda *args, **kwargs: None):
             out = module.training_step(batch, 0)
-        finally:
-            module.log, module.log_dict = log, log_dict
         out = out["loss"] if isinstance(out, dict) else out
         if not torch.is_tensor(out):
             raise ValueError("the `taylor` scorer needs `training_step` to return a loss tensor (or {'loss': ...}).")

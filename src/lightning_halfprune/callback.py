@@ -278,17 +278,18 @@ class HalfPrune(Callback):
         """
         if self.guard is None or self.guard.watch is None:
             return False
-        verdict = self.guard.judge(self._last_metric(trainer))
-        if final and verdict == "wait":
-            verdict = "undo" if self.guard.worse_by(self._last_metric(trainer)) > self.max_drop else "keep"
+        value = self._last_metric(trainer)
+        verdict = self.guard.judge(value)
+        if final and verdict == "wait":  # without a value nothing shows the cut hurt: it is kept
+            verdict = "undo" if value is not None and self.guard.worse_by(value) > self.max_drop else "keep"
         verdict = trainer.strategy.broadcast(verdict, src=0)  # every rank acts on rank 0's metric
         if verdict == "undo":
-            self._roll_back(trainer, pl_module)
+            self._roll_back(trainer, pl_module, value)
         if verdict != "wait":
             self.guard.watch = None
         return verdict == "undo"
 
-    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -> None:
         watch = self.guard.watch
         watch.snapshot.restore(pl_module.device)
         rewrap_ddp(trainer.strategy)
@@ -303,7 +304,6 @@ class HalfPrune(Callback):
             self.retries[now + 1] = retry
         else:
             self.stopped = True
-        value = self._last_metric(trainer)
         message = (
             f"HalfPrune rolled back the cut to ratio {watch.ratio:.3g} at {self.schedule.interval} {undone['point']}: "
             f"{self.monitor} {watch.before:.4f} -> {value:.4f} is worse by more than max_drop={self.max_drop}; "

@@ -160,6 +160,8 @@ def evaluate_metric(module: Any, dataloader: Any, monitor: str, max_batches: int
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from torchmetrics import Metric
 
+    from lightning_halfprune.calibration import logging_redirected
+
     values: list[tuple[float, int]] = []
     metrics: list[Metric] = []
     size = [1]
@@ -172,23 +174,14 @@ def evaluate_metric(module: Any, dataloader: Any, monitor: str, max_batches: int
         else:
             values.append((float(value), batch_size or size[0]))
 
-    def capture_dict(dictionary: dict, *args: Any, **kwargs: Any) -> None:
-        for name, value in dictionary.items():
-            capture(name, value, **kwargs)
-
-    log, log_dict = module.log, module.log_dict
-    module.log, module.log_dict = capture, capture_dict
-    try:
-        with graph_safe(module), torch.no_grad():
-            module.eval()
-            for i, batch in enumerate(dataloader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                batch = move_data_to_device(batch, module.device)
-                size[0] = _batch_size(batch)
-                module.validation_step(batch, i)
-    finally:
-        module.log, module.log_dict = log, log_dict
+    with logging_redirected(module, capture), graph_safe(module), torch.no_grad():
+        module.eval()
+        for i, batch in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_data_to_device(batch, module.device)
+            size[0] = _batch_size(batch)
+            module.validation_step(batch, i)
     if metrics:
         value = float(metrics[0].compute())
         metrics[0].reset()
