@@ -15,11 +15,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
-from lightning_halfprune import publish
+from lightning_halfprune import monitor, publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
@@ -27,7 +27,6 @@ from lightning_halfprune.measure import (
     MacCounter,
     architecture,
     count_params,
-    evaluate_metric,
     layer_widths,
     measure_latency,
 )
@@ -131,6 +130,7 @@ class HalfPrune(Callback):
         self._surgeon: Surgeon | None = None
         self._macs = MacCounter()
         self._latency: dict[tuple, float] = {}
+        self._monitor_checked = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -169,6 +169,7 @@ class HalfPrune(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
+            self._warn_if_monitor_unreadable(trainer)
             self._record_recovery(trainer)
             self._judge_watched_cut(trainer, pl_module)
 
@@ -345,16 +346,24 @@ class HalfPrune(Callback):
 
     def _last_metric(self, trainer: pl.Trainer) -> float | None:
         """The monitored metric's last logged value, averaged over ranks."""
-        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        name = monitor.resolve(self.monitor, trainer.callback_metrics)
+        value = trainer.callback_metrics.get(name) if name else None
         return mean_over_ranks(trainer.strategy, None if value is None else float(value))
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-        if not self.monitor or loader is None:
+        if not self.monitor:
             return None
+        name = monitor.resolve(self.monitor, trainer.callback_metrics) or self.monitor
         with undisturbed(pl_module):
-            return evaluate_metric(pl_module, loader, self.monitor)
+            return monitor.evaluate(pl_module, trainer.val_dataloaders, name)
+
+    def _warn_if_monitor_unreadable(self, trainer: pl.Trainer) -> None:
+        """Once, at the first validation: a ``monitor`` that names no logged metric (or several) is a warning."""
+        if self.monitor and not self._monitor_checked:
+            self._monitor_checked = True
+            message = monitor.problem(self.monitor, trainer.callback_metrics)
+            if message:
+                rank_zero_warn(message)
 
     def _record_recovery(self, trainer: pl.Trainer) -> None:
         waiting = [r for r in self.reports if r.monitor and r.metric_recovered is None]

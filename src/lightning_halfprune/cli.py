@@ -8,7 +8,6 @@ own group (``halfprune: {schedule: ..., scorer: ...}``) or as a trainer callback
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -58,6 +57,6 @@ def main(args: list[str] | None = None) -> None:
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: LightningCLI reads sys.argv itself (passing it explicitly makes Lightning warn)
         save_config_kwargs={"overwrite": True},
     )

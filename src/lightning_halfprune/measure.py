@@ -149,13 +149,17 @@ def measure_latency(
     return statistics.median(times)
 
 
-def evaluate_metric(module: Any, dataloader: Any, monitor: str, max_batches: int | None = None) -> float | None:
+def evaluate_metric(
+    module: Any, dataloader: Any, monitor: str, max_batches: int | None = None, dataloader_idx: int | None = None
+) -> float | None:
     """The value ``module.validation_step`` logs as ``monitor``, averaged over ``dataloader`` like Lightning does.
 
     Runs outside the Trainer's loops: ``self.log`` calls are captured (the fit's own logging, checkpointing and
     early stopping see nothing), the model is in eval mode under ``no_grad`` and its mode is restored. Values
     logged per batch are averaged weighted by batch size; a logged torchmetrics ``Metric`` is computed at the end
-    and reset. Returns None if ``validation_step`` never logs ``monitor``.
+    and reset. Returns None if ``validation_step`` never logs ``monitor``. With several validation loaders pass
+    ``dataloader_idx``: it goes to ``validation_step`` and names are suffixed like Lightning does
+    (``val_acc/dataloader_idx_1``).
     """
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from torchmetrics import Metric
@@ -166,7 +170,11 @@ def evaluate_metric(module: Any, dataloader: Any, monitor: str, max_batches: int
     metrics: list[Metric] = []
     size = [1]
 
-    def capture(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+    def capture(
+        name: str, value: Any, *args: Any, batch_size: int | None = None, add_dataloader_idx: bool = True, **kwargs: Any
+    ) -> None:
+        if dataloader_idx is not None and add_dataloader_idx:
+            name = f"{name}/dataloader_idx_{dataloader_idx}"
         if name != monitor:
             return
         if isinstance(value, Metric):
@@ -181,7 +189,7 @@ def evaluate_metric(module: Any, dataloader: Any, monitor: str, max_batches: int
                 break
             batch = move_data_to_device(batch, module.device)
             size[0] = _batch_size(batch)
-            module.validation_step(batch, i)
+            module.validation_step(batch, i, *([] if dataloader_idx is None else [dataloader_idx]))
     if metrics:
         value = float(metrics[0].compute())
         metrics[0].reset()

@@ -41,7 +41,7 @@ class PruneReport:
 
     @property
     def params_ratio(self) -> float:
-        return self.after.params / self.before.params
+        return self.after.params / self.before.params if self.before.params else float("nan")
 
     @property
     def macs_ratio(self) -> float:
@@ -133,6 +133,11 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _percent(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole``; "n/a" when ``whole`` is 0 (e.g. MACs that could not be counted)."""
+    return f"{part / whole:.1%}" if whole else "n/a"
+
+
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -142,8 +147,8 @@ def summary_table(reports: list[PruneReport], final_metric: float | None = None)
     first, last = reports[0], reports[-1]
     metric = final_metric if final_metric is not None else last.metric_recovered
     rows = [
-        ("params", _si(first.before.params), _si(last.after.params), f"{last.after.params / first.before.params:.1%}"),
-        ("MACs / sample", _si(first.before.macs), _si(last.after.macs), f"{last.after.macs / first.before.macs:.1%}"),
+        ("params", _si(first.before.params), _si(last.after.params), _percent(last.after.params, first.before.params)),
+        ("MACs / sample", _si(first.before.macs), _si(last.after.macs), _percent(last.after.macs, first.before.macs)),
     ]
     if first.before.latency_ms and last.after.latency_ms:
         speedup = first.before.latency_ms / last.after.latency_ms
@@ -182,7 +187,7 @@ def final_summary(reports: list[PruneReport], final_metric: float | None = None)
     """Whole-fit figures for a run summary: final/original params and MACs, latency speed-up, metric delta."""
     first, last = reports[0], reports[-1]
     out = {
-        "halfprune/final_params_ratio": last.after.params / first.before.params,
+        "halfprune/final_params_ratio": last.after.params / first.before.params if first.before.params else math.nan,
         "halfprune/final_macs_ratio": last.after.macs / first.before.macs if first.before.macs else float("nan"),
         "halfprune/events": float(len(reports)),
     }

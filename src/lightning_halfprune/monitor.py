@@ -1,0 +1,69 @@
+"""Which logged metric ``monitor`` names, also with several validation dataloaders, and how to evaluate it.
+
+With several validation dataloaders Lightning logs ``self.log("val_acc", ...)`` as ``val_acc/dataloader_idx_0``,
+``val_acc/dataloader_idx_1``, ... ``monitor`` may be any of those names, or the plain ``val_acc`` when exactly one
+loader logs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lightning_halfprune.measure import evaluate_metric
+
+_SUFFIX = re.compile(r"/dataloader_idx_(\d+)$")
+
+
+def candidates(monitor: str, logged: Iterable[str]) -> list[str]:
+    """The logged names ``monitor`` can mean: itself, or ``monitor/dataloader_idx_N`` for every loader N."""
+    logged = list(logged)
+    if monitor in logged:
+        return [monitor]
+    return sorted(k for k in logged if k.startswith(monitor + "/dataloader_idx_") and _SUFFIX.search(k))
+
+
+def resolve(monitor: str | None, logged: Iterable[str]) -> str | None:
+    """The one logged name ``monitor`` means, or None if it is not logged or ambiguous."""
+    if not monitor:
+        return None
+    found = candidates(monitor, logged)
+    return found[0] if len(found) == 1 else None
+
+
+def problem(monitor: str, logged: Iterable[str]) -> str | None:
+    """Why ``monitor`` cannot be read from the logged names (a message for a warning), or None if it can."""
+    logged = sorted(logged)
+    found = candidates(monitor, logged)
+    if len(found) == 1:
+        return None
+    if found:
+        return (
+            f"HalfPrune `monitor={monitor!r}` is logged by several validation dataloaders: {found}. "
+            "Pass one of these names as `monitor`; until then no metric is reported and the guard cannot judge."
+        )
+    return (
+        f"HalfPrune `monitor={monitor!r}` was not logged by the validation; logged metrics are {logged}. "
+        "No metric is reported and the guard cannot judge."
+    )
+
+
+def evaluate(module: Any, loaders: Any, name: str) -> float | None:
+    """The value ``validation_step`` logs as ``name`` over the validation loader(s), outside the fit's loops.
+
+    With several loaders, a ``/dataloader_idx_N`` name is evaluated on loader N only; a plain name on each loader
+    in turn until one logs it (Lightning logs plain names when ``add_dataloader_idx=False``).
+    """
+    if loaders is None:
+        return None
+    if not isinstance(loaders, Sequence) or len(loaders) == 1:
+        return evaluate_metric(module, loaders[0] if isinstance(loaders, Sequence) else loaders, name)
+    suffix = _SUFFIX.search(name)
+    indices = [int(suffix.group(1))] if suffix else range(len(loaders))
+    for i in indices:
+        if i < len(loaders):
+            value = evaluate_metric(module, loaders[i], name, dataloader_idx=i)
+            if value is not None:
+                return value
+    return None
