@@ -7,7 +7,7 @@ modules. State that must survive a checkpoint is in ``state_dict``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune import monitor, publish
-from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
+from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.measure import (
@@ -34,7 +34,7 @@ from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.schedule import Schedule
-from lightning_halfprune.scoring import Scorer, _inputs_of, get_scorer, needs_data
+from lightning_halfprune.scoring import Scorer, get_scorer, needs_data
 from lightning_halfprune.surgery import Cut, Surgeon, resolve_ignored
 
 
@@ -56,6 +56,10 @@ class HalfPrune(Callback):
         global_pruning: rank channels across all layers instead of cutting every layer by the same ratio.
         example_input: an input for tracing the model; default ``pl_module.example_input_array``, else the first
             training batch's input.
+        input_fn: ``batch -> model input`` for data-driven scorers and the example input, e.g.
+            ``lambda batch: batch["image"]`` (a dotted path from the CLI). Default: the arguments your
+            ``training_step`` passes to the LightningModule's ``forward`` (found by running it up to that call),
+            else the batch's first element or the dict entries ``forward`` accepts.
         scoring_batches: how many batches data-driven scorers look at.
         calibration_dataloader: where those batches come from; default a fresh iterator over the training data.
         regularization: strength of a sparsity penalty added to the gradients before each optimizer step, from
@@ -84,6 +88,7 @@ class HalfPrune(Callback):
         max_layer_ratio: float = 0.9,
         global_pruning: bool = False,
         example_input: Any = None,
+        input_fn: Optional[Callable[[Any], Any]] = None,
         scoring_batches: int = 8,
         calibration_dataloader: Any = None,
         regularization: float = 0.0,
@@ -109,6 +114,9 @@ class HalfPrune(Callback):
         self.max_layer_ratio = float(max_layer_ratio)
         self.global_pruning = bool(global_pruning)
         self.example_input = example_input
+        if input_fn is not None and not callable(input_fn):
+            raise TypeError(f"`input_fn` must be a callable batch -> model input, got {input_fn!r}.")
+        self.input_fn = input_fn
         self.scoring_batches = scoring_batches
         self.calibration_dataloader = calibration_dataloader
         if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
@@ -385,6 +393,9 @@ class HalfPrune(Callback):
             original_widths=self.original_widths or None,
         )
         self.original_widths = surgeon.original_widths
+        if needs_data(self.scorer):  # a batch the model cannot run fails now, not at the first cut
+            loader = self.calibration_dataloader or trainer.train_dataloader
+            fed_input(pl_module, take_batches(loader, 1, pl_module.device)[0], self.input_fn)
         return surgeon
 
     def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -393,7 +404,7 @@ class HalfPrune(Callback):
             loader = trainer.train_dataloader
             if loader is None:
                 raise ValueError("HalfPrune needs `example_input` (or `example_input_array` on the LightningModule).")
-            example = _inputs_of(next(iter(loader)))
+            example = fed_input(pl_module, take_batches(loader, 1, pl_module.device)[0], self.input_fn)
         if isinstance(example, list):
             example = tuple(example)
         example = move_data_to_device(example, pl_module.device)
@@ -404,6 +415,8 @@ class HalfPrune(Callback):
             if needs_data(self.scorer):
                 loader = self.calibration_dataloader or trainer.train_dataloader
                 batches = take_batches(loader, self.scoring_batches, pl_module.device)
+                if hasattr(self.scorer, "inputs_of"):
+                    self.scorer.inputs_of = lambda batch: model_input(pl_module, batch, self.input_fn)
                 self.scorer.calibrate(pl_module, batches, training_loss(pl_module))
             try:
                 return self._surgeon.plan(ratio, agreed(trainer.strategy, self.scorer))

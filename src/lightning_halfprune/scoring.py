@@ -93,10 +93,15 @@ class TaylorScorer(CalibratedScorer):
 
 
 class _ChannelStatsScorer(CalibratedScorer):
-    """Collects per-channel statistics of every Conv/Linear output with forward hooks, then maps them to groups."""
+    """Collects per-channel statistics of every Conv/Linear output with forward hooks, then maps them to groups.
+
+    ``inputs_of(batch)`` gives the model input of a calibration batch; ``HalfPrune`` sets it to what the
+    LightningModule's ``training_step`` feeds the model (or the user's ``input_fn``).
+    """
 
     def __init__(self) -> None:
         self._stats: dict[nn.Module, Any] = {}
+        self.inputs_of: Callable[[Any], Any] = _inputs_of
 
     def calibrate(self, model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor]) -> None:
         self._stats = {}
@@ -105,7 +110,7 @@ class _ChannelStatsScorer(CalibratedScorer):
         try:
             with torch.no_grad():
                 for batch in batches:
-                    run_model(model, _inputs_of(batch))
+                    run_model(model, self.inputs_of(batch))
         finally:
             for h in handles:
                 h.remove()
