@@ -90,3 +90,47 @@ def test_halve_retries_with_half_the_step(tmp_path):
 def test_bad_guard_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HalfPrune({1: 0.5}, **kwargs)
+
+
+# The guard's timeline, table-driven. ``capacity`` drops by exactly the cut ratio (ratios are multiples of 1/16),
+# so every verdict is known: a cut is undone when ratio - kept ratio > max_drop at the validation after it.
+# columns: schedule, max_drop, on_violation, max_epochs, kept ratios, (ratio, rolled back) per report, skipped
+TIMELINES = {
+    "a later point is capped at the retried ratio, the satisfied retry is no event": (
+        {0: 0.25, 1: 0.5}, 0.2, "halve", 4, [0.125], [(0.25, True), (0.125, False)], [0, 2],
+    ),
+    "once the retry holds the schedule goes on": (
+        {0: 0.5, 1: 0.75, 3: 0.75}, 0.3, "halve", 5, [0.25], [(0.5, True), (0.25, False), (0.75, True)], [0, 2, 3],
+    ),
+    "a retry that fails is halved again": (
+        {0: 0.5}, 0.1, "halve", 6, [], [(0.5, True), (0.25, True), (0.125, True)], [0, 2, 4],
+    ),
+    "a cut in the last epoch is judged at the end of fit": (
+        {0: 0.25, 2: 0.75}, 0.3, "stop", 3, [0.25], [(0.25, False), (0.75, True)], [2],
+    ),
+    "a cut in the last epoch that holds is kept": (
+        {0: 0.25, 2: 0.5}, 0.3, "stop", 3, [0.25, 0.5], [(0.25, False), (0.5, False)], [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TIMELINES))
+def test_guard_timeline(tmp_path, case):
+    schedule, max_drop, on_violation, epochs, kept, reports, skipped = TIMELINES[case]
+    model = WidthScored("plain_cnn")
+    prune = HalfPrune(
+        schedule, monitor="capacity", max_drop=max_drop, on_violation=on_violation, latency_batch_size=0
+    )
+    trainer(tmp_path, max_epochs=epochs, callbacks=[prune], limit_train_batches=2).fit(model, *loaders())
+    assert [e["ratio"] for e in prune.history] == kept
+    assert [(r.ratio, r.rolled_back) for r in prune.reports] == reports
+    assert prune.skipped == skipped
+    width = 16 - int(16 * kept[-1]) if kept else 16
+    assert model.net.features[0].out_channels == width
+
+
+def test_a_point_that_removes_no_channel_is_no_event(tmp_path):
+    prune = HalfPrune({0: 0.5, 1: 0.75}, max_layer_ratio=0.5, latency_batch_size=0)
+    with pytest.warns(UserWarning, match="removes no channel at ratio 0.75"):
+        trainer(tmp_path, callbacks=[prune]).fit(Classifier("plain_cnn"), *loaders())
+    assert [r.ratio for r in prune.reports] == [0.5] and prune.skipped == [1]

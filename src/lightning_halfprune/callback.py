@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
-from lightning_halfprune import monitor, publish
+from lightning_halfprune import monitor, publish, retry
 from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
@@ -132,6 +132,7 @@ class HalfPrune(Callback):
         self.skipped: list[int] = []  # prune points undone by the guard: never redone, also not after a resume
         self.retries: dict[int, float] = {}  # point -> ratio, added by on_violation="halve"
         self.stopped = False
+        self.cap: float | None = None  # after a rollback with "halve": no cut goes further until one at this holds
         self.history: list[dict[str, Any]] = []
         self.original_widths: dict[str, int] = {}
         self.reports: list[PruneReport] = []
@@ -181,6 +182,9 @@ class HalfPrune(Callback):
             self._record_recovery(trainer)
             self._judge_watched_cut(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._judge_watched_cut(trainer, pl_module, final=True)  # a cut in the last epoch is judged too
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose)
 
@@ -196,6 +200,7 @@ class HalfPrune(Callback):
             "skipped": self.skipped,
             "retries": self.retries,
             "stopped": self.stopped,
+            "cap": self.cap,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -204,6 +209,7 @@ class HalfPrune(Callback):
         self.skipped = list(state_dict.get("skipped", []))
         self.retries = {int(k): float(v) for k, v in state_dict.get("retries", {}).items()}
         self.stopped = bool(state_dict.get("stopped", False))
+        self.cap = state_dict.get("cap")
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -218,7 +224,8 @@ class HalfPrune(Callback):
             self._prune_if_scheduled(trainer, pl_module, max(missed))
 
     def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
-        ratio = self.retries.get(point, self.schedule.ratio_at(point))
+        ratio = self.schedule.ratio_at(point)
+        ratio = self.retries.get(point) if ratio is None else ratio  # a scheduled point subsumes a retry
         if ratio is None or self.stopped or any(event["point"] == point for event in self.history):
             return
         if (
@@ -228,10 +235,20 @@ class HalfPrune(Callback):
         ):
             self.skipped.append(point)  # just rolled back: this point's cut is not made on top of the undone one
             return
-        self.prune(trainer, pl_module, ratio, point)
+        ratio, reason = retry.capped(ratio, self.cap, self.history)
+        if reason is None and self.prune(trainer, pl_module, ratio, point) is not None:
+            return
+        self.skipped.append(point)
+        if reason is not None and self.verbose:
+            rank_zero_info(f"HalfPrune skips {self.schedule.interval} {point}: {reason}")
 
-    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, point: int) -> PruneReport:
-        """Cut the model to cumulative ``ratio`` now, carry the optimizers over, and return the report."""
+    def prune(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, point: int
+    ) -> Optional[PruneReport]:
+        """Cut the model to cumulative ``ratio`` now, carry the optimizers over, and return the report.
+
+        Returns None, with a warning and no event logged, if no channel can be removed at ``ratio``.
+        """
         timings: dict[str, float] = {}
         start = time.perf_counter()
         snapshot = ModelSnapshot(pl_module, trainer.optimizers) if self.guard is not None else None
@@ -240,6 +257,12 @@ class HalfPrune(Callback):
             metric_before = self._last_metric(trainer)
         with _timed(timings, "score"):
             cuts = self._plan(trainer, pl_module, ratio)
+        if not cuts:
+            rank_zero_warn(
+                f"HalfPrune removes no channel at ratio {ratio:.3g} (every layer is already at that width, at its "
+                "`max_layer_ratio` floor, or rounded by `round_to`): no prune event."
+            )
+            return None
         with _timed(timings, "cut"):
             self._surgeon.cut(cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
             rewrap_ddp(trainer.strategy)
@@ -273,27 +296,35 @@ class HalfPrune(Callback):
         report.seconds = time.perf_counter() - start
         report = from_rank_zero(trainer.strategy, report)
         self.reports.append(report)
-        if snapshot is not None and metric_before is not None and cuts:
+        if snapshot is not None and metric_before is not None:
             previous = self.history[-2]["ratio"] if len(self.history) > 1 else 0.0
             self.guard.arm(
                 Watch(snapshot, metric_before, len(self.history) - 1, len(self.reports) - 1, previous, ratio)
             )
+        else:
+            self.cap = retry.lifted(self.cap, ratio)  # nothing can judge this cut: it holds
         return report
 
     def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> bool:
         """Count a validation against the cut under watch; undo the cut if the metric stayed too far down.
 
-        ``final`` judges now, whatever the patience (the next cut is due). Returns True if the cut was undone.
+        ``final`` judges now, whatever the patience (the next cut is due, or the fit ends); if no validation ran
+        since the cut, the model is evaluated as it is now. Returns True if the cut was undone.
         """
         if self.guard is None or self.guard.watch is None:
             return False
-        value = self._last_metric(trainer)
+        if final and self.guard.watch.seen == 0:
+            value = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
+        else:
+            value = self._last_metric(trainer)
         verdict = self.guard.judge(value)
         if final and verdict == "wait":  # without a value nothing shows the cut hurt: it is kept
             verdict = "undo" if value is not None and self.guard.worse_by(value) > self.max_drop else "keep"
         verdict = trainer.strategy.broadcast(verdict, src=0)  # every rank acts on rank 0's metric
         if verdict == "undo":
             self._roll_back(trainer, pl_module, value)
+        if verdict == "keep":
+            self.cap = retry.lifted(self.cap, self.guard.watch.ratio)
         if verdict != "wait":
             self.guard.watch = None
         return verdict == "undo"
@@ -308,16 +339,16 @@ class HalfPrune(Callback):
         report = self.reports[watch.report_index]
         report.rolled_back = True
         if self.on_violation == "halve":
-            retry = watch.ratio_before + (watch.ratio - watch.ratio_before) / 2
+            self.cap = retry.halfway(watch.ratio_before, watch.ratio)
             now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
-            self.retries[now + 1] = retry
+            self.retries[now + 1] = self.cap
         else:
             self.stopped = True
         message = (
             f"HalfPrune rolled back the cut to ratio {watch.ratio:.3g} at {self.schedule.interval} {undone['point']}: "
             f"{self.monitor} {watch.before:.4f} -> {value:.4f} is worse by more than max_drop={self.max_drop}; "
             + (
-                f"retrying at ratio {self.retries[max(self.retries)]:.3g}."
+                f"retrying at ratio {self.cap:.3g}; later prune points cut to at most that until a cut there holds."
                 if self.on_violation == "halve"
                 else "no more cuts."
             )
