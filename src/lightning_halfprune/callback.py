@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_halfprune import best, monitor, publish, retry
 from lightning_halfprune import checkpoint as ckpt
-from lightning_halfprune import monitor, publish, retry
 from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
@@ -77,6 +77,9 @@ class HalfPrune(Callback):
         on_violation: after a rollback, ``"stop"`` skips all later cuts; ``"halve"`` retries at the next prune
             opportunity (next epoch, or next step) with half the step from the last kept ratio.
         verbose: print a summary line per event (rank 0 only).
+        reset_best_on_cut: after every cut (and rollback) each ``ModelCheckpoint`` that monitors a metric starts
+            its ranking over, so ``ckpt_path="best"`` is the best checkpoint of the final architecture, not the
+            dense model from before the cut. Files already written are kept. False keeps Lightning's ranking.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class HalfPrune(Callback):
         patience: int = 1,
         on_violation: Literal["stop", "halve"] = "stop",
         verbose: bool = True,
+        reset_best_on_cut: bool = True,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
         self.scorer = get_scorer(scorer)
@@ -126,6 +130,7 @@ class HalfPrune(Callback):
         self.latency_batch_size = latency_batch_size
         self.monitor = monitor
         self.verbose = verbose
+        self.reset_best_on_cut = bool(reset_best_on_cut)
         _check_guard(monitor, mode, max_drop, patience, on_violation)
         self.mode, self.max_drop, self.patience, self.on_violation = mode, max_drop, patience, on_violation
         self.guard = AccuracyGuard(mode, max_drop, patience) if monitor and max_drop is not None else None
@@ -266,6 +271,8 @@ class HalfPrune(Callback):
         with _timed(timings, "cut"):
             self._surgeon.cut(cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
             rewrap_ddp(trainer.strategy)
+        if self.reset_best_on_cut:
+            best.start_over(trainer)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
             metric_after_cut = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
@@ -333,6 +340,8 @@ class HalfPrune(Callback):
         watch = self.guard.watch
         watch.snapshot.restore(pl_module.device)
         rewrap_ddp(trainer.strategy)
+        if self.reset_best_on_cut:
+            best.start_over(trainer)
         undone = self.history[watch.history_len]
         del self.history[watch.history_len :]
         self.skipped.append(undone["point"])
@@ -377,6 +386,7 @@ class HalfPrune(Callback):
             "max_drop": self.max_drop,
             "patience": self.patience,
             "on_violation": self.on_violation,
+            "reset_best_on_cut": self.reset_best_on_cut,
         }
 
     def _regularizing(self, trainer: pl.Trainer) -> bool:
