@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_halfprune import best, monitor, publish, retry
+from lightning_halfprune import averaging, best, monitor, publish, retry
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
@@ -145,6 +145,7 @@ class HalfPrune(Callback):
         self._macs = MacCounter()
         self._latency: dict[tuple, float] = {}
         self._monitor_checked = False
+        self._averages = averaging.AveragedCopies()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -158,6 +159,7 @@ class HalfPrune(Callback):
         pl_module.__dict__.pop("on_load_checkpoint", None)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        averaging.refuse_unknown_copies(trainer, pl_module, self)
         publish.hyperparams(trainer, self.config())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -256,7 +258,8 @@ class HalfPrune(Callback):
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        snapshot = ModelSnapshot(pl_module, trainer.optimizers) if self.guard is not None else None
+        copies = averaging.averaged_copies(trainer)
+        snapshot = ModelSnapshot(pl_module, trainer.optimizers, copies) if self.guard is not None else None
         with _timed(timings, "measure"):
             before = self._stats(pl_module)
             metric_before = self._last_metric(trainer)
@@ -269,7 +272,7 @@ class HalfPrune(Callback):
             )
             return None
         with _timed(timings, "cut"):
-            self._surgeon.cut(cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
+            self._cut(trainer, cuts, copies)
             rewrap_ddp(trainer.strategy)
         if self.reset_best_on_cut:
             best.start_over(trainer)
@@ -311,6 +314,15 @@ class HalfPrune(Callback):
         else:
             self.cap = retry.lifted(self.cap, ratio)  # nothing can judge this cut: it holds
         return report
+
+    def _cut(self, trainer: pl.Trainer, cuts: list[Cut], copies: list[nn.Module]) -> None:
+        """Cut the model and the EMA/SWA copies alike, and move the optimizers over: all or nothing."""
+
+        def then(remap: Any) -> None:
+            example, widths = self._surgeon.example_input, self.original_widths
+            self._averages.cut(copies, cuts, example, widths, then=lambda: rebind_optimizers(trainer.optimizers, remap))
+
+        self._surgeon.cut(cuts, then=then)
 
     def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> bool:
         """Count a validation against the cut under watch; undo the cut if the metric stayed too far down.
@@ -492,6 +504,8 @@ def _restore_shape_before_weights_load(pl_module: pl.LightningModule) -> None:
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
         ckpt.restore_shape(pl_module, checkpoint)
+        for copy in averaging.averaged_copies(pl_module._trainer):  # EMA/SWA copies load their state after this
+            ckpt.restore_shape(copy, checkpoint)
         original(checkpoint)
 
     pl_module.on_load_checkpoint = on_load_checkpoint

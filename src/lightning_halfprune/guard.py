@@ -19,25 +19,33 @@ Verdict = Literal["wait", "keep", "undo"]
 
 
 class ModelSnapshot:
-    """A CPU copy of a model's shape-defining attributes, parameters and buffers, and of its optimizers' state."""
+    """A CPU copy of a model's shape-defining attributes, parameters and buffers, and of its optimizers' state.
 
-    def __init__(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    ``also``: more models to put back with it (the averaged copies of EMA/SWA), each on the device it is on now.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], also: Sequence[nn.Module] = ()
+    ) -> None:
         self.modules = []
         where: dict[int, tuple[nn.Module, str]] = {}
-        for name, m in model.named_modules():
-            attrs = {k: copy.copy(v) for k, v in vars(m).items() if k != "training" and _plain(v)} if name else {}
-            params = {k: None if p is None else (_cpu(p), p.requires_grad) for k, p in m._parameters.items()}
-            buffers = {k: None if b is None else _cpu(b) for k, b in m._buffers.items()}
-            self.modules.append((m, attrs, params, buffers))
-            where.update({id(p): (m, k) for k, p in m._parameters.items() if p is not None})
+        for root in (model, *also):
+            device = None if root is model else next((p.device for p in root.parameters()), None)
+            for name, m in root.named_modules():
+                attrs = {k: copy.copy(v) for k, v in vars(m).items() if k != "training" and _plain(v)} if name else {}
+                params = {k: None if p is None else (_cpu(p), p.requires_grad) for k, p in m._parameters.items()}
+                buffers = {k: None if b is None else _cpu(b) for k, b in m._buffers.items()}
+                self.modules.append((m, attrs, params, buffers, device))
+                where.update({id(p): (m, k) for k, p in m._parameters.items() if p is not None})
         self.optimizers = [
             (opt, _cpu_state(opt.state_dict()), [[where[id(p)] for p in g["params"]] for g in opt.param_groups])
             for opt in optimizers
         ]
 
-    def restore(self, device: torch.device) -> None:
+    def restore(self, live_device: torch.device) -> None:
         """Put the model and optimizers back exactly as they were when the snapshot was taken."""
-        for m, attrs, params, buffers in self.modules:
+        for m, attrs, params, buffers, own_device in self.modules:
+            device = own_device or live_device
             vars(m).update(copy.deepcopy(attrs))
             m._parameters.clear()
             for k, p in params.items():
