@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_halfprune import averaging, best, monitor, publish, retry
+from lightning_halfprune import averaging, best, compiled, monitor, publish, retry
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
@@ -146,6 +146,7 @@ class HalfPrune(Callback):
         self._latency: dict[tuple, float] = {}
         self._monitor_checked = False
         self._averages = averaging.AveragedCopies()
+        self.compiles = compiled.CompileCounter()  # torch.compile: compilations before the first cut, after each cut
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -160,6 +161,7 @@ class HalfPrune(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averaging.refuse_unknown_copies(trainer, pl_module, self)
+        self.compiles.start()
         publish.hyperparams(trainer, self.config())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,10 +192,14 @@ class HalfPrune(Callback):
             self._judge_watched_cut(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._judge_watched_cut(trainer, pl_module, final=True)  # a cut in the last epoch is judged too
+        with compiled.eager():
+            self._judge_watched_cut(trainer, pl_module, final=True)  # a cut in the last epoch is judged too
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose)
+        self.compiles.stop()
+        if compiled.is_compiled(pl_module):
+            publish.compiles(trainer, self.compiles.counts, self.verbose)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._surgeon is not None:
@@ -231,6 +237,10 @@ class HalfPrune(Callback):
             self._prune_if_scheduled(trainer, pl_module, max(missed))
 
     def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
+        with compiled.eager():  # a compiled model runs uncompiled here: hooks fire, nothing compiles
+            self._prune_point(trainer, pl_module, point)
+
+    def _prune_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
         ratio = self.schedule.ratio_at(point)
         ratio = self.retries.get(point) if ratio is None else ratio  # a scheduled point subsumes a retry
         if ratio is None or self.stopped or any(event["point"] == point for event in self.history):
@@ -323,6 +333,7 @@ class HalfPrune(Callback):
             self._averages.cut(copies, cuts, example, widths, then=lambda: rebind_optimizers(trainer.optimizers, remap))
 
         self._surgeon.cut(cuts, then=then)
+        self.compiles.cut_made(self._surgeon.model)
 
     def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> bool:
         """Count a validation against the cut under watch; undo the cut if the metric stayed too far down.
@@ -352,6 +363,7 @@ class HalfPrune(Callback):
         watch = self.guard.watch
         watch.snapshot.restore(pl_module.device)
         rewrap_ddp(trainer.strategy)
+        self.compiles.cut_made(pl_module)
         if self.reset_best_on_cut:
             best.start_over(trainer)
         undone = self.history[watch.history_len]
@@ -435,6 +447,10 @@ class HalfPrune(Callback):
         publish.scalars(trainer, {"halfprune/metric_recovered": value})
 
     def _build_surgeon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Surgeon:
+        with compiled.eager():
+            return self._new_surgeon(trainer, pl_module)
+
+    def _new_surgeon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Surgeon:
         example = self._example_input(trainer, pl_module)
         surgeon = Surgeon(
             pl_module,

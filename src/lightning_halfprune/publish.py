@@ -48,6 +48,19 @@ def fit_summary(trainer: pl.Trainer, reports: Sequence[PruneReport], final_metri
             _safely(logger, _wandb_summary, logger, final_summary(list(reports), final_metric))
 
 
+def compiles(trainer: pl.Trainer, counts: Sequence[int], verbose: bool) -> None:
+    """How often ``torch.compile`` compiled during the fit: before the first cut and after each cut."""
+    values = {"halfprune/compiles": float(sum(counts))}
+    values |= {f"halfprune/compiles_after_cut_{i}": float(n) for i, n in enumerate(counts[1:])}
+    scalars(trainer, values)
+    if verbose:
+        after = ", ".join(str(n) for n in counts[1:]) or "-"
+        rank_zero_info(
+            f"HalfPrune torch.compile: {sum(counts)} compilation(s) during fit; {counts[0] if counts else 0} before "
+            f"the first cut, after each cut: {after}"
+        )
+
+
 def _wandb_widths(logger: WandbLogger, report: PruneReport, index: int, step: int) -> None:
     import wandb
 
