@@ -70,12 +70,17 @@ class HalfPrune(Callback):
             0 turns latency measurement off.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
             it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
+            With several validation dataloaders: Lightning's name (``"val_acc/dataloader_idx_1"``), or the plain
+            name if only one loader logs it. A name not logged is a warning at the first validation.
         mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is.
         max_drop: turns the accuracy guard on: if ``patience`` validations after a cut ``monitor`` is still worse
             than before it by more than this, the model, optimizers and history are restored exactly.
-        patience: validations to wait after a cut before the guard judges it.
+        patience: validations to wait after a cut before the guard judges it. A cut is judged earlier when the next
+            cut is due or the fit ends (a cut in the last epoch is judged then, on the metric right after it).
         on_violation: after a rollback, ``"stop"`` skips all later cuts; ``"halve"`` retries at the next prune
-            opportunity (next epoch, or next step) with half the step from the last kept ratio.
+            opportunity (next epoch or step, or an earlier scheduled point) with half the step from the last kept
+            ratio, and caps every later point at that ratio until a cut there holds. A point that would cut nothing
+            is skipped, never logged as an event.
         verbose: print a summary line per event (rank 0 only).
         reset_best_on_cut: after every cut (and rollback) each ``ModelCheckpoint`` that monitors a metric starts
             its ranking over, so ``ckpt_path="best"`` is the best checkpoint of the final architecture, not the
