@@ -32,6 +32,8 @@ def test_demo_config_trains_prunes_logs_offline_and_prints_the_table(tmp_path):
     for row in ("params", "MACs / sample", "latency ms (batch 64)", "val_acc"):
         assert f"\n  {row}" in text
     assert "W&B logs offline" in text and "wandb sync" in text
+    assert "args parameter is intended" not in text  # we let LightningCLI read sys.argv itself
+    assert "lightning_halfprune" not in out.stderr  # no warning raised from our code
     run = OfflineRun(str(tmp_path / "runs"))
     assert run.scalar("halfprune/ratio") == [0.25, 0.5]
     assert run.summary["halfprune/final_params_ratio"] < 0.5 and "halfprune/final_metric_delta" in run.summary
