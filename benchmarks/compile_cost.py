@@ -65,6 +65,7 @@ def main() -> None:
     for seed in range(repeats):
         for compiled in (False, True):  # interleaved
             runs[compiled].append(run(compiled, seed))
+            print(f"<!-- compiled={compiled} seed={seed}: {runs[compiled][-1]} -->", flush=True)
     print("| | event s, median (min-max) over 5 cuts x runs | epoch 0 s (first compile) | first epoch after a cut s | last epoch s (no cut before) | compilations after each cut | MACs after the last cut |")  # noqa: E501
     print("|---|---:|---:|---:|---:|---|---:|")
     for compiled, label in ((False, "eager"), (True, "torch.compile (inductor)")):
