@@ -31,7 +31,7 @@ RUNS = os.path.join(HERE, "recovery_runs.jsonl")
 TEACHERS = os.path.join(HERE, ".recovery_teachers")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 ALPHA, TEMPERATURE, REWIND = 1.0, 2.0, 2  # the recipe: examples/recipe_distill.yaml
-EPOCHS = {"mnist1d": 20, "fmnist": 8}
+EPOCHS = {"mnist1d": 20, "fmnist": 6}
 QUICK_EPOCHS = {"mnist1d": 5, "fmnist": 2}
 WIDTH = {"mnist1d": 64, "fmnist": 32}
 
@@ -70,7 +70,7 @@ def _fmnist_data(quick: bool):
     from torch.utils.data import DataLoader, TensorDataset
 
     class FashionMNIST(pl.LightningDataModule):
-        """A fixed subset: 12k training, 2k validation images of the training file; the full 10k test file."""
+        """A fixed subset: 6k training, 2k validation images of the training file; the full 10k test file."""
 
         def setup(self, stage=None):
             if hasattr(self, "train_set"):
@@ -78,7 +78,7 @@ def _fmnist_data(quick: bool):
             x, y = _fmnist_arrays("train")
             xt, yt = _fmnist_arrays("t10k")
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-            n = 3000 if quick else 12000
+            n = 3000 if quick else 6000
             norm = lambda a: (torch.as_tensor(a, dtype=torch.float32) / 255 - 0.286) / 0.353  # noqa: E731
             x, y = norm(x)[order], torch.as_tensor(y, dtype=torch.long)[order]
             self.train_set = TensorDataset(x[:n], y[:n])

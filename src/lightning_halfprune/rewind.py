@@ -1,8 +1,8 @@
 """Learning-rate rewinding (Renda et al., 2020): after a cut, the LR schedules go back to an earlier epoch.
 
 At the start of every training epoch the position (``last_epoch``) of each of the trainer's LR schedulers and the
-hyperparameters it drives (``lr``, ``momentum``, ``betas``) are recorded. ``rewind(trainer, epochs)`` puts each
-scheduler back where it was at the start of the epoch ``epochs`` before the next one, so the recovering model
+hyperparameters it drives (``lr``, ``momentum``, ``betas``) are recorded. ``rewind(trainer, epochs)`` sets each
+scheduler so that the next epoch trains with the learning rates of ``epochs`` epochs earlier: the recovering model
 trains again at the higher learning rates the schedule had then. Position and values move together, so closed-form
 schedules (``OneCycleLR``) and recursive ones (``StepLR``, ``CosineAnnealingLR``) continue consistently; the
 schedule then ends that many epochs short of its end (a one-cycle schedule does not fully anneal).
@@ -28,20 +28,25 @@ class LRRewinder:
             for config in trainer.lr_scheduler_configs
         ]
 
-    def rewind(self, trainer: Any, epochs: int) -> int | None:
-        """Put the schedulers back ``epochs`` epochs before the coming one; returns the epoch rewound to."""
+    def rewind(self, trainer: Any, epochs: int) -> None:
+        """Make the coming epoch train with the LR schedulers where they were ``epochs`` epochs ago.
+
+        Called at the end of an epoch (Lightning has already stepped per-epoch schedulers): every scheduler goes
+        back to its mark at the start of epoch ``next - epochs``, clamped to the first recorded mark. A cut in
+        the middle of an epoch (``interval="step"``) counts that epoch as the one just finished.
+        """
         target = trainer.current_epoch + 1 - epochs
-        recorded = [e for e in self.marks if e >= target]
-        if not recorded or not trainer.lr_scheduler_configs:
-            return None
-        epoch = min(recorded)
-        for config, (last_epoch, groups) in zip(trainer.lr_scheduler_configs, self.marks[epoch], strict=True):
+        for index, config in enumerate(trainer.lr_scheduler_configs):
+            recorded = [e for e, marks in self.marks.items() if len(marks) > index]
+            if not recorded:
+                continue
+            epoch = max([e for e in recorded if e <= target], default=min(recorded))
+            last_epoch, groups = self.marks[epoch][index]
             scheduler = config.scheduler
             scheduler.last_epoch = last_epoch
             for group, values in zip(scheduler.optimizer.param_groups, groups, strict=True):
                 group.update(values)
             scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-        return epoch
 
 
 def _driven(group: dict[str, Any]) -> dict[str, Any]:
