@@ -215,3 +215,31 @@ def test_lr_rewind_trains_the_next_epoch_at_the_rate_of_earlier_epochs(tmp_path,
     assert lrs(0) == [1.0, 0.5, 0.25, 0.125, 0.0625]
     # the cut ends epoch 2; epoch 3 trains at epoch 1's rate, and the schedule goes on from there
     assert lrs(2) == [1.0, 0.5, 0.25, 0.5, 0.25]
+
+
+def test_bf16_mixed_distills_in_float32(tmp_path):
+    terms = []
+
+    def loss_fn(student, teacher):
+        terms.append((student.dtype, teacher.dtype))
+        return F.mse_loss(student.float(), teacher.float())
+
+    prune = HalfPrune({0: 0.5}, distill_alpha=ALPHA, distill_loss_fn=loss_fn, verbose=False)
+    trainer(tmp_path, 2, [prune], precision="bf16-mixed").fit(MLP(), data())
+    assert terms and terms[0] == (torch.bfloat16, torch.bfloat16)  # both under autocast; the user term is used
+    prune = HalfPrune({0: 0.5}, distill_alpha=ALPHA, verbose=False)
+    model = MLP()
+    trainer(tmp_path, 2, [prune], precision="bf16-mixed").fit(model, data())
+    assert model.net[0].out_features == 16 and prune._distiller.seconds > 0
+
+
+def test_the_recipe_config_runs_from_the_command_line(tmp_path):
+    from test_cli import ROOT, SHORT, halfprune
+
+    recipe, env = ROOT / "examples" / "recipe_distill.yaml", {"PYTHONPATH": str(ROOT / "src")}
+    out = halfprune(tmp_path, "fit", f"--config={recipe}", *SHORT, "--trainer.logger=false", env_extra=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HalfPrune summary: 2 prune event(s)" in out.stdout + out.stderr
+    printed = halfprune(tmp_path, "fit", f"--config={recipe}", "--print_config", env_extra=env)
+    args = __import__("yaml").safe_load(printed.stdout)["halfprune"]["init_args"]
+    assert args["distill_alpha"] > 0 and args["distill_teacher"] in ("first", "each")
