@@ -306,6 +306,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["mnist1d", "fmnist"])
     parser.add_argument("--no-levers", action="store_true", help="skip the one-shot/regularization/scorer rows")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 torch thread each)")
+    parser.add_argument("--render-only", action="store_true", help="write the table from the runs recorded so far")
     parser.add_argument("--out", default=None, help="default benchmarks/recovery.md (quick: recovery_quick.md)")
     args = parser.parse_args()
     if args.fresh and os.path.exists(RUNS):
@@ -318,10 +319,9 @@ def main() -> None:
     order = sorted(range(len(plan)), key=lambda i: (plan[i][1] != "dense", plan[i][0] != "mnist1d", i))
     plan_in_order = [plan[i] for i in order]
     todo = [(t, v, r, s) for t, v, r in plan_in_order for s in seeds if (t, v, r, s, args.quick) not in runs]
-    dense = [x for x in todo if x[1] == "dense"]
-    with ThreadPoolExecutor(args.jobs) as pool:  # the dense runs first: they are the scratch_kd teachers
-        list(pool.map(lambda x: _run(*x, args.quick), dense))
-        list(pool.map(lambda x: _run(*x, args.quick), [x for x in todo if x[1] != "dense"]))
+    todo = [] if args.render_only else todo
+    with ThreadPoolExecutor(args.jobs) as pool:  # started in order: the dense runs (scratch_kd's teachers) first
+        list(pool.map(lambda x: _run(*x, args.quick), todo))
     runs = _load()
     text = "\n".join(
         [
