@@ -100,7 +100,7 @@ class Distiller:
 
     def attach(self, module: nn.Module) -> None:
         """Wrap ``module.training_step`` (this instance only) to add the term while a teacher is held."""
-        if "training_step" in module.__dict__:
+        if getattr(module.__dict__.get("training_step"), "_halfprune_distill", False):
             return
         original = module.training_step
 
@@ -120,11 +120,19 @@ class Distiller:
                 handle.remove()
             return self._add_term(module, out, captured)
 
+        training_step._halfprune_distill = True
+        training_step.__wrapped__ = module.__dict__.get("training_step")  # another wrapper of this instance, if any
         module.training_step = training_step
 
     @staticmethod
     def detach(module: nn.Module) -> None:
-        module.__dict__.pop("training_step", None)
+        """Undo :meth:`attach` (restoring a wrapper that was there before it)."""
+        ours = module.__dict__.get("training_step")
+        if getattr(ours, "_halfprune_distill", False):
+            if ours.__wrapped__ is None:
+                del module.__dict__["training_step"]
+            else:
+                module.training_step = ours.__wrapped__
 
     def _add_term(self, module: nn.Module, out: Any, captured: list) -> Any:
         if not captured or out is None:
