@@ -121,7 +121,7 @@ class Distiller:
             return self._add_term(module, out, captured)
 
         training_step._halfprune_distill = True
-        training_step.__wrapped__ = module.__dict__.get("training_step")  # another wrapper of this instance, if any
+        training_step._halfprune_inner = module.__dict__.get("training_step")  # an earlier instance wrapper
         module.training_step = training_step
 
     @staticmethod
@@ -129,10 +129,10 @@ class Distiller:
         """Undo :meth:`attach` (restoring a wrapper that was there before it)."""
         ours = module.__dict__.get("training_step")
         if getattr(ours, "_halfprune_distill", False):
-            if ours.__wrapped__ is None:
+            if ours._halfprune_inner is None:
                 del module.__dict__["training_step"]
             else:
-                module.training_step = ours.__wrapped__
+                module.training_step = ours._halfprune_inner
 
     def _add_term(self, module: nn.Module, out: Any, captured: list) -> Any:
         if not captured or out is None:
