@@ -48,6 +48,7 @@ VARIANTS = {
     "hp_kd_oneshot": "HalfPrune + distillation, one-shot cut at 2/5 of the fit",
     "hp_kd_reg": "HalfPrune + distillation + group-lasso `regularization=1e-4`",
     "hp_kd_taylor": "HalfPrune + distillation, `taylor` scorer",
+    "hp_kd_short": "HalfPrune + distillation (teacher: before each cut) only until 2 epochs after the last cut",
 }
 LEVERS = ["hp_kd_oneshot", "hp_kd_reg", "hp_kd_taylor"]
 
@@ -166,7 +167,8 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
             regularization=1e-4 if variant.endswith("reg") else 0.0,
             distill_alpha=ALPHA if "_kd" in variant else 0.0,
             distill_temperature=TEMPERATURE,
-            distill_teacher="each" if variant.endswith("each") else "first",
+            distill_teacher="each" if variant.endswith(("each", "short")) else "first",
+            distill_epochs=2 if variant.endswith("short") else None,
             lr_rewind=REWIND if "_rw" in variant else 0,
         )
         callbacks.append(prune)
@@ -236,7 +238,8 @@ def _plan(tasks: list[str], seeds: list[int], levers: bool) -> list[tuple[str, s
         for ratio in (0.5, 0.75):
             plan += [(task, v, ratio) for v in ("hp_kd", "hp", "scratch", "scratch_kd")]
     if "mnist1d" in tasks:
-        plan += [("mnist1d", v, 0.5) for v in ("hp_kd_rw", "hp_kd_each", "hp_rw")]
+        plan += [("mnist1d", v, 0.5) for v in ("hp_kd_rw", "hp_kd_each", "hp_rw", "hp_kd_short")]
+        plan += [("mnist1d", "hp_kd_short", 0.75)]
     if levers and "mnist1d" in tasks:
         plan += [("mnist1d", v, 0.75) for v in LEVERS]
     return plan
@@ -306,6 +309,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["mnist1d", "fmnist"])
     parser.add_argument("--no-levers", action="store_true", help="skip the one-shot/regularization/scorer rows")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 torch thread each)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
     parser.add_argument("--render-only", action="store_true", help="write the table from the runs recorded so far")
     parser.add_argument("--out", default=None, help="default benchmarks/recovery.md (quick: recovery_quick.md)")
     args = parser.parse_args()
@@ -319,7 +323,7 @@ def main() -> None:
     order = sorted(range(len(plan)), key=lambda i: (plan[i][1] != "dense", plan[i][0] != "mnist1d", i))
     plan_in_order = [plan[i] for i in order]
     todo = [(t, v, r, s) for t, v, r in plan_in_order for s in seeds if (t, v, r, s, args.quick) not in runs]
-    todo = [] if args.render_only else todo
+    todo = [] if args.render_only else [x for x in todo if args.only is None or x[1] in args.only]
     with ThreadPoolExecutor(args.jobs) as pool:  # started in order: the dense runs (scratch_kd's teachers) first
         list(pool.map(lambda x: _run(*x, args.quick), todo))
     runs = _load()
