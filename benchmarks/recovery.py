@@ -349,7 +349,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         task, variant, ratio, seed, quick = sys.argv[2:7]
         skip = os.path.join(HERE, ".recovery_skip")  # variants listed there are skipped by a running benchmark
-        if os.path.exists(skip) and variant in open(skip).read().split() and not os.environ.get("RECOVERY_NOSKIP"):
+        names = {variant, f"{task}:{variant}", f"{task}:{variant}:{float(ratio)}"}
+        if os.path.exists(skip) and names & set(open(skip).read().split()) and not os.environ.get("RECOVERY_NOSKIP"):
             print(json.dumps({"skipped": True, "task": task, "variant": variant, "test_acc": 0.0, "wall_seconds": 0}))
         else:
             print(json.dumps(_train(task, variant, float(ratio), int(seed), quick == "1")))
