@@ -50,7 +50,13 @@ if __name__ == "__main__":
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=epochs,
         callbacks=[
-            HalfPrune({0: 0.25, 1: 0.5}, scorer=scorer, scoring_batches=2, monitor="val_acc"),
+            HalfPrune(
+                {0: 0.25, 1: 0.5},
+                scorer=scorer,
+                scoring_batches=2,
+                monitor="val_acc",
+                distill_alpha=float(os.environ.get("HALFPRUNE_DISTILL", "0")),
+            ),
             Dump(out),
             checkpoints,
         ],

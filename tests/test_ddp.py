@@ -14,8 +14,9 @@ from models import Classifier, loaders, trainer
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-def run(tmp_path, scorer, ckpt=None, devices=2, epochs=3):
+def run(tmp_path, scorer, ckpt=None, devices=2, epochs=3, distill=0.0):
     env = os.environ | {"HALFPRUNE_DEVICES": str(devices), "HALFPRUNE_EPOCHS": str(epochs)}
+    env |= {"HALFPRUNE_DISTILL": str(distill)}
     args = [sys.executable, str(SCRIPT), scorer, str(tmp_path)] + ([str(ckpt)] if ckpt else [])
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -38,6 +39,14 @@ def test_every_rank_cuts_the_same_channels_and_stays_identical(tmp_path, scorer)
     end = load(tmp_path, "end", 0)
     assert end["state"]["net.blocks.0.conv1.weight"].shape[0] == 8
     assert text.count("HalfPrune summary") == 1  # only rank 0 prints
+
+
+def test_distillation_under_ddp_keeps_every_rank_identical(tmp_path):
+    run(tmp_path, "l2", distill=1.0)  # the teacher is a plain copy on each rank, never wrapped in DDP
+    for tag in ("epoch1", "end"):
+        a, b = load(tmp_path, tag, 0), load(tmp_path, tag, 1)
+        assert all(torch.equal(v, b["state"][k]) for k, v in a["state"].items()), tag
+    assert load(tmp_path, "end", 0)["reports"][0]["teacher_bytes"] > 0
 
 
 def test_a_ddp_checkpoint_resumes_under_ddp_and_on_one_device(tmp_path):

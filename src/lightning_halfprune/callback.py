@@ -21,6 +21,7 @@ from torch import nn
 from lightning_halfprune import averaging, best, compiled, monitor, publish, retry
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
+from lightning_halfprune.distill import Distiller
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.measure import (
@@ -33,6 +34,7 @@ from lightning_halfprune.measure import (
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
+from lightning_halfprune.rewind import LRRewinder
 from lightning_halfprune.schedule import Schedule
 from lightning_halfprune.scoring import Scorer, get_scorer, needs_data
 from lightning_halfprune.surgery import Cut, Surgeon, resolve_ignored
@@ -85,6 +87,18 @@ class HalfPrune(Callback):
         reset_best_on_cut: after every cut (and rollback) each ``ModelCheckpoint`` that monitors a metric starts
             its ranking over, so ``ckpt_path="best"`` is the best checkpoint of the final architecture, not the
             dense model from before the cut. Files already written are kept. False keeps Lightning's ranking.
+        distill_alpha: turns distillation on: from the first cut, the model as it was before it is a frozen
+            teacher and the training loss gets ``distill_alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
+            on the model's outputs. No change to the LightningModule is needed (automatic optimization only).
+        distill_temperature: the softening temperature ``T``.
+        distill_teacher: ``"first"``: the model before the first cut teaches all the way; ``"each"``: the model
+            before each cut replaces the teacher. After a resume the teacher is not in the checkpoint: the model
+            before the next cut becomes the teacher (none if the run resumed after the last cut).
+        distill_epochs: the teacher is dropped this many epochs after the last cut; None keeps it until fit ends.
+        distill_output_fn: maps the model's output to logits (default: the tensor, ``.logits``, or its first item).
+        distill_loss_fn: ``(student_output, teacher_output) -> Tensor`` replacing the KL term (still times alpha).
+        lr_rewind: after each cut, rewind the trainer's LR schedulers to where they were this many epochs before
+            the next epoch (Renda et al., 2020). 0 turns it off.
     """
 
     def __init__(
@@ -109,6 +123,13 @@ class HalfPrune(Callback):
         on_violation: Literal["stop", "halve"] = "stop",
         verbose: bool = True,
         reset_best_on_cut: bool = True,
+        distill_alpha: float = 0.0,
+        distill_temperature: float = 2.0,
+        distill_teacher: Literal["first", "each"] = "first",
+        distill_epochs: Optional[int] = None,
+        distill_output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+        distill_loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        lr_rewind: int = 0,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
         self.scorer = get_scorer(scorer)
@@ -152,6 +173,13 @@ class HalfPrune(Callback):
         self._monitor_checked = False
         self._averages = averaging.AveragedCopies()
         self.compiles = compiled.CompileCounter()  # torch.compile: compilations before the first cut, after each cut
+        _check_distill(distill_alpha, distill_temperature, distill_teacher, distill_epochs)
+        _check_int("lr_rewind", lr_rewind, minimum=0)
+        self.distill_teacher, self.distill_epochs, self.lr_rewind = distill_teacher, distill_epochs, lr_rewind
+        self._distiller = (
+            Distiller(distill_alpha, distill_temperature, distill_output_fn, distill_loss_fn) if distill_alpha else None
+        )
+        self._rewinder = LRRewinder()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -160,9 +188,15 @@ class HalfPrune(Callback):
             self.schedule.check_fits(trainer.max_epochs, trainer.max_steps)
             resolve_ignored(pl_module, self.ignored_layers)
         _restore_shape_before_weights_load(pl_module)
+        if self._distiller is not None and stage == "fit":
+            _check_automatic_optimization(pl_module)
+            self._distiller.attach(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.__dict__.pop("on_load_checkpoint", None)
+        if self._distiller is not None:
+            self._distiller.drop_teacher()
+            self._distiller.detach(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averaging.refuse_unknown_copies(trainer, pl_module, self)
@@ -172,10 +206,18 @@ class HalfPrune(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
         self._catch_up(trainer, pl_module)
+        if self._distiller is not None and self.history and self._last_point_passed(trainer):
+            rank_zero_warn("HalfPrune resumed after the last cut: the teacher is not in checkpoints, no distillation.")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_rewind:
+            self._rewinder.record(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.interval == "epoch":
             self._prune_if_scheduled(trainer, pl_module, trainer.current_epoch)
+        if self._distiller is not None and self._distillation_over(trainer):
+            self._distiller.drop_teacher()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -205,6 +247,9 @@ class HalfPrune(Callback):
         self.compiles.stop()
         if compiled.is_compiled(pl_module):
             publish.compiles(trainer, self.compiles.counts, self.verbose)
+        if self._distiller is not None:
+            publish.scalars(trainer, {"halfprune/distill_seconds": self._distiller.seconds})
+            self._distiller.drop_teacher()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._surgeon is not None:
@@ -286,11 +331,16 @@ class HalfPrune(Callback):
                 "`max_layer_ratio` floor, or rounded by `round_to`): no prune event."
             )
             return None
+        if self._distiller is not None and (self.distill_teacher == "each" or not self._distiller.active):
+            with _timed(timings, "teacher"):
+                self._distiller.take_teacher(pl_module)
         with _timed(timings, "cut"):
             self._cut(trainer, cuts, copies)
             rewrap_ddp(trainer.strategy)
         if self.reset_best_on_cut:
             best.start_over(trainer)
+        if self.lr_rewind:
+            self._rewinder.rewind(trainer, self.lr_rewind)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
             metric_after_cut = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
@@ -315,6 +365,7 @@ class HalfPrune(Callback):
             monitor=self.monitor,
             metric_before=metric_before,
             metric_after_cut=metric_after_cut,
+            teacher_bytes=self._distiller.teacher_bytes if self._distiller is not None else None,
         )
         with _timed(timings, "log"):
             publish.event(trainer, report, len(self.reports), self.verbose)
@@ -416,7 +467,25 @@ class HalfPrune(Callback):
             "patience": self.patience,
             "on_violation": self.on_violation,
             "reset_best_on_cut": self.reset_best_on_cut,
+            "distill_alpha": self._distiller.alpha if self._distiller is not None else 0.0,
+            "distill_temperature": self._distiller.temperature if self._distiller is not None else None,
+            "distill_teacher": self.distill_teacher,
+            "distill_epochs": self.distill_epochs,
+            "lr_rewind": self.lr_rewind,
         }
+
+    def _last_point_passed(self, trainer: pl.Trainer) -> bool:
+        now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
+        return all(p < now or p in self.skipped for p in self.schedule.points) or self.stopped
+
+    def _distillation_over(self, trainer: pl.Trainer) -> bool:
+        """True once ``distill_epochs`` epochs have trained since the last cut and no cut is left."""
+        if self.distill_epochs is None or not self.history:
+            return False
+        now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
+        if not self.stopped and any(p > now for p in self.schedule.points):
+            return False
+        return trainer.current_epoch >= self.history[-1]["epoch"] + self.distill_epochs
 
     def _regularizing(self, trainer: pl.Trainer) -> bool:
         now = trainer.current_epoch if self.schedule.interval == "epoch" else trainer.global_step
@@ -530,6 +599,25 @@ def _restore_shape_before_weights_load(pl_module: pl.LightningModule) -> None:
         original(checkpoint)
 
     pl_module.on_load_checkpoint = on_load_checkpoint
+
+
+def _check_automatic_optimization(pl_module: pl.LightningModule) -> None:
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            "HalfPrune `distill_alpha` adds a term to the loss `training_step` returns, which needs automatic "
+            "optimization; this module sets `automatic_optimization=False`. Set `distill_alpha=0` or add the "
+            "distillation term in your own training_step."
+        )
+
+
+def _check_distill(alpha: Any, temperature: Any, teacher: Any, epochs: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ValueError(f"`distill_alpha` must be a number >= 0, got {alpha!r}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"`distill_temperature` must be a number > 0, got {temperature!r}.")
+    if teacher not in ("first", "each"):
+        raise ValueError(f"`distill_teacher` must be 'first' or 'each', got {teacher!r}.")
+    _check_int("distill_epochs", epochs, minimum=0, optional=True)
 
 
 def _as_mapping(schedule: Any) -> Mapping:

@@ -38,6 +38,7 @@ class PruneReport:
     metric_recovered: float | None = None
     latency_batch_size: int | None = None
     rolled_back: bool = False
+    teacher_bytes: int | None = None  # memory of the distillation teacher held after this event
 
     @property
     def params_ratio(self) -> float:
@@ -73,6 +74,7 @@ class PruneReport:
             "metric_before": self.metric_before,
             "metric_after_cut": self.metric_after_cut,
             "metric_recovered": self.metric_recovered,
+            "teacher_bytes": self.teacher_bytes,
         }
         values |= {f"time_{k}_s": v for k, v in self.timings.items()}
         return {prefix + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}

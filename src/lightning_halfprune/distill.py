@@ -1,0 +1,165 @@
+"""Distillation during recovery: the model as it was before a cut teaches the pruned one.
+
+While a teacher is held, the LightningModule's own ``training_step`` returns its loss plus
+``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` on the model's outputs (the logits). The teacher
+sees exactly the student's input: a forward hook on the module captures the first ``forward`` call inside
+``training_step``. The teacher is a frozen deep copy (eval mode, no gradients, same device), kept on the
+``Distiller`` only: it is no submodule, so it never enters ``state_dict``, a checkpoint, an optimizer or DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+_WRAPPED = ("training_step", "on_load_checkpoint")  # instance attributes a teacher copy must not carry
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dimension, in float32, mean per row."""
+    classes = student.shape[-1]
+    s = F.log_softmax(student.float().reshape(-1, classes) / temperature, dim=-1)
+    t = F.log_softmax(teacher.float().reshape(-1, classes) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits``, ``["logits"]``, or the first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    raise TypeError(
+        f"distillation cannot find logits in the model's output ({type(output).__name__}): "
+        "pass `distill_output_fn=` (output -> logits) or `distill_loss_fn=` to HalfPrune."
+    )
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+class Distiller:
+    """Holds the frozen teacher and adds the distillation term to ``training_step`` while it exists.
+
+    Args:
+        alpha: weight of the distillation term added to the training loss; 0 turns distillation off.
+        temperature: softening temperature ``T`` of both softmaxes.
+        output_fn: maps the model's output to logits (default :func:`logits_of`).
+        loss_fn: ``(student_output, teacher_output) -> Tensor`` replacing the KL term (still times ``alpha``).
+    """
+
+    def __init__(
+        self,
+        alpha: float,
+        temperature: float = 2.0,
+        output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+    ) -> None:
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.output_fn = output_fn or logits_of
+        self.loss_fn = loss_fn
+        self.teacher: nn.Module | None = None
+        self.teacher_bytes = 0
+        self.seconds = 0.0  # time spent in teacher forwards and the term, since the teacher was taken
+        self.last_loss: torch.Tensor | None = None
+        self._warned = False
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None
+
+    def take_teacher(self, model: nn.Module) -> None:
+        """Freeze a copy of ``model`` as it is now as the teacher (replacing any previous one)."""
+        teacher = copy.deepcopy(model)  # a LightningModule copies without its trainer
+        for name in _WRAPPED:
+            teacher.__dict__.pop(name, None)
+        teacher._forward_hooks.clear()
+        teacher.eval().requires_grad_(False)
+        self.teacher, self.teacher_bytes = teacher, param_bytes(teacher)
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Use ``teacher`` (e.g. a trained dense model) as is, frozen in eval mode."""
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_bytes = param_bytes(teacher)
+
+    def drop_teacher(self) -> None:
+        self.teacher, self.last_loss = None, None
+
+    def attach(self, module: nn.Module) -> None:
+        """Wrap ``module.training_step`` (this instance only) to add the term while a teacher is held."""
+        if getattr(module.__dict__.get("training_step"), "_halfprune_distill", False):
+            return
+        original = module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            if self.teacher is None:
+                return original(*args, **kwargs)
+            captured: list[tuple[tuple, dict, Any]] = []
+
+            def capture(_: nn.Module, inputs: tuple, kw: dict, output: Any) -> None:
+                if not captured:
+                    captured.append((inputs, kw, output))
+
+            handle = module.register_forward_hook(capture, with_kwargs=True)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                handle.remove()
+            return self._add_term(module, out, captured)
+
+        training_step._halfprune_distill = True
+        training_step._halfprune_inner = module.__dict__.get("training_step")  # an earlier instance wrapper
+        module.training_step = training_step
+
+    @staticmethod
+    def detach(module: nn.Module) -> None:
+        """Undo :meth:`attach` (restoring a wrapper that was there before it)."""
+        ours = module.__dict__.get("training_step")
+        if getattr(ours, "_halfprune_distill", False):
+            if ours._halfprune_inner is None:
+                del module.__dict__["training_step"]
+            else:
+                module.training_step = ours._halfprune_inner
+
+    def _add_term(self, module: nn.Module, out: Any, captured: list) -> Any:
+        if not captured or out is None:
+            if not self._warned:
+                rank_zero_warn(
+                    "HalfPrune skipped distillation for a batch: `training_step` "
+                    + ("returned None." if out is None else "never called the module's `forward` (`self(x)`).")
+                )
+                self._warned = True
+            return out
+        start = time.perf_counter()
+        inputs, kwargs, student = captured[0]
+        with torch.no_grad():
+            teacher = self.teacher(*inputs, **kwargs)
+        if self.loss_fn is not None:
+            term = self.loss_fn(student, teacher)
+        else:
+            term = kd_loss(self.output_fn(student), self.output_fn(teacher), self.temperature)
+        term = self.alpha * term
+        self.last_loss = term.detach()
+        self.seconds += time.perf_counter() - start
+        if getattr(module, "_trainer", None) is not None:
+            module.log("halfprune/distill_loss", self.last_loss, on_step=True, on_epoch=True)
+        if isinstance(out, torch.Tensor):
+            return out + term
+        if isinstance(out, dict) and "loss" in out:
+            return {**out, "loss": out["loss"] + term}
+        raise TypeError(
+            f"distillation needs `training_step` to return a loss tensor or a dict with 'loss', got {type(out)!r}."
+        )
