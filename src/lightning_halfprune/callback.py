@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
+from lightning_halfprune.attention import AttentionMode
+from lightning_halfprune.attention import check_mode as check_attention_mode
 from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
@@ -74,6 +76,11 @@ class HalfPrune(Callback):
         on_violation: after a rollback, ``"stop"`` skips all later cuts; ``"halve"`` retries at the next prune
             opportunity (next epoch, or next step) with half the step from the last kept ratio.
         verbose: print a summary line per event (rank 0 only).
+        attention: how attention modules (timm, torchvision, Hugging Face, lookalikes) are cut: ``"heads"``
+            removes whole heads (with GQA, a key/value head with all its query heads), ``"head_dim"`` the same
+            offsets of the head dimension in every head, ``"both"`` some of each, ``"none"`` leaves them alone.
+        prune_hidden_size: also cut the residual stream (embedding width) of models with attention, together
+            with everything that reads it; by default only heads and MLP widths are cut.
     """
 
     def __init__(
@@ -96,8 +103,12 @@ class HalfPrune(Callback):
         patience: int = 1,
         on_violation: Literal["stop", "halve"] = "stop",
         verbose: bool = True,
+        attention: AttentionMode = "heads",
+        prune_hidden_size: bool = False,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
+        check_attention_mode(attention)
+        self.attention, self.prune_hidden_size = attention, bool(prune_hidden_size)
         self.scorer = get_scorer(scorer)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.ignored_layers = list(ignored_layers or [])
@@ -374,6 +385,8 @@ class HalfPrune(Callback):
             max_layer_ratio=self.max_layer_ratio,
             global_pruning=self.global_pruning,
             original_widths=self.original_widths or None,
+            attention=self.attention,
+            prune_hidden_size=self.prune_hidden_size,
         )
         self.original_widths = surgeon.original_widths
         return surgeon
