@@ -104,7 +104,7 @@ class MixerNet(nn.Module):
 
 
 class TiedLM(nn.Module):
-    """Embedding -> MLP -> LM head sharing the embedding matrix (not a transformer: its width is pruned)."""
+    """Embedding -> residual MLP -> LM head sharing the embedding matrix (no attention: its width is pruned)."""
 
     def __init__(self, dim: int = 32) -> None:
         super().__init__()
@@ -114,7 +114,8 @@ class TiedLM(nn.Module):
         self.lm_head.weight = self.embed.weight
 
     def forward(self, ids):
-        return self.lm_head(self.mlp(self.embed(ids)))
+        h = self.embed(ids)
+        return self.lm_head(h + self.mlp(h))
 
 
 def build(kind: str) -> nn.Module:

@@ -270,11 +270,27 @@ def _kv_to_q(spec: AttentionSpec, channel: int) -> int:
     return head * spec.group_size * spec.head_dim + offset
 
 
-def magnitude(spec: AttentionSpec) -> torch.Tensor:
-    """L2 norm of each root channel's weights: the fallback when a scorer cannot read a layer type (Conv1D)."""
-    w = spec.root.weight.detach()
-    rows = w.pow(2).sum(1) if isinstance(spec.root, nn.Linear) else w.pow(2).sum(0)
-    return rows.float().sqrt().cpu()
+def magnitude(group: Any, width: int) -> torch.Tensor | None:
+    """L2 norm of each root channel's weights over a group's Linear and HF ``Conv1D`` layers.
+
+    The fallback when a scorer cannot read a layer type: torch-pruning's importances skip ``Conv1D`` (GPT-2).
+    None if the group has no such layer.
+    """
+    conv1d = conv1d_class()
+    total, found = torch.zeros(width), False
+    for item in group:
+        layer, fn = item.dep.target.module, item.dep.handler
+        if not isinstance(layer, nn.Linear) and not (conv1d is not None and isinstance(layer, conv1d)):
+            continue
+        out = group._DG.is_out_channel_pruning_fn(fn) if getattr(group, "_DG", None) else True
+        w = layer.weight.detach()
+        w = w.t() if conv1d is not None and isinstance(layer, conv1d) else w  # as (out, in)
+        w = w if out else w.t()
+        if max(item.idxs, default=-1) >= w.shape[0] or item.root_idxs is None or None in item.root_idxs:
+            continue
+        total.index_add_(0, torch.as_tensor(item.root_idxs), w[torch.as_tensor(item.idxs)].float().pow(2).sum(1).cpu())
+        found = True
+    return total.sqrt() if found else None
 
 
 # ------------------------------------------------------------------ planning

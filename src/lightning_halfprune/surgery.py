@@ -222,9 +222,10 @@ class Surgeon:
         not_roots = ignored + [m for s in specs for m in s.inputs]
         outputs = {s.o for s in specs}
         roots = ROOT_TYPES + tuple(attn.customized_pruners())
+        holders = _shared_parameter_holders(self.model)
         found = []
         for group in graph.get_all_groups(ignored_layers=not_roots, root_module_types=roots):
-            if _reaches_output(graph, group) or _inconsistent(graph, group):
+            if _reaches_output(graph, group) or _inconsistent(graph, group) or _unties(graph, group, holders):
                 continue
             if outputs and not self.prune_hidden_size and _prunes_out(graph, group, outputs):
                 continue  # the residual stream of a transformer: left alone unless asked
@@ -255,7 +256,7 @@ class Surgeon:
             if g.attention is not None:
                 cuts.extend(self._plan_attention(g, ratio, score))
                 continue
-            scores = _per_slot(g, _check_scores(g, score(g.group)))
+            scores = _per_slot(g, _check_scores(g, _score_or_magnitude(g, score)))
             if scores is not None:
                 scored.append((g, scores))
         keep = self._global_keep(scored, ratio) if self.global_pruning else self._local_keep(scored, ratio)
@@ -269,10 +270,7 @@ class Surgeon:
 
     def _plan_attention(self, g: ChannelGroup, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
         """Whole heads / uniform head dims of one attention module (local ratio, also under global pruning)."""
-        scores = score(g.group)
-        if scores is None or (torch.is_tensor(scores) and scores.numel() == 0):
-            scores = attn.magnitude(g.attention)  # the scorer cannot read this layer type (HF Conv1D)
-        scores = _check_scores(g, scores)
+        scores = _check_scores(g, _score_or_magnitude(g, score))
         original = self.original_widths[g.name]
         keep_fraction = min(1.0, original * (1 - ratio) / g.width)
         floor_fraction = original * (1 - self.max_layer_ratio) / g.width
@@ -441,6 +439,35 @@ def _inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
     return False
 
 
+def _shared_parameter_holders(model: nn.Module) -> dict[int, set[nn.Module]]:
+    """Tied parameters (an embedding shared with an LM head, ...): parameter id -> every module holding it."""
+    holders: dict[int, set[nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(module)
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
+def _unties(graph: tp.DependencyGraph, group: Any, holders: dict[int, set[nn.Module]]) -> bool:
+    """True (with a warning) if the group would cut a tied parameter in some of the layers sharing it only."""
+    modules = {dep.target.module for dep, _ in group}
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for p in module._parameters.values():
+            if p is not None and id(p) in holders and not holders[id(p)] <= modules:
+                root = graph._module2name.get(group[0].dep.target.module)
+                warnings.warn(
+                    f"HalfPrune leaves the channels of {root!r} alone: they cut a parameter tied between "
+                    f"{sorted(graph._module2name.get(m, '?') for m in holders[id(p)])}, not all of which are "
+                    "coupled to them; tied weights are only cut all together.",
+                    stacklevel=2,
+                )
+                return True
+    return False
+
+
 def _slots(graph: tp.DependencyGraph, group: Any) -> int:
     """Channel groups that must stay equal in size: grouped convs, GroupNorm, attention heads."""
     slots = 1
@@ -459,6 +486,16 @@ def _slots(graph: tp.DependencyGraph, group: Any) -> int:
         else:
             slots = max(slots, pruner.get_in_channel_groups(module))
     return slots
+
+
+def _score_or_magnitude(g: ChannelGroup, score: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
+    """The scorer's scores; weight magnitude where it cannot read the group's layers (HF ``Conv1D``)."""
+    scores = score(g.group)
+    if scores is None or (hasattr(scores, "__len__") and len(scores) == 0):
+        conv1d = attn.conv1d_class()
+        if conv1d is not None and any(isinstance(item.dep.target.module, conv1d) for item in g.group):
+            return attn.magnitude(g.group, g.width)
+    return scores
 
 
 def _check_scores(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | None:
