@@ -16,18 +16,21 @@ def hf_model(kind: str) -> nn.Module:
     import transformers as tf
 
     small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=VOCAB)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # resumed fits compare exactly
     if kind == "bert":
-        config = tf.BertConfig(num_attention_heads=4, max_position_embeddings=32, num_labels=CLASSES, **small)
+        config = tf.BertConfig(
+            num_attention_heads=4, max_position_embeddings=32, num_labels=CLASSES, **small, **no_dropout
+        )
         return tf.BertForSequenceClassification(config)
     if kind == "vit":
         config = tf.ViTConfig(
-            num_attention_heads=4, image_size=16, patch_size=4, num_channels=3, num_labels=CLASSES,
+            num_attention_heads=4, image_size=16, patch_size=4, num_channels=3, num_labels=CLASSES, **no_dropout,
             **{k: v for k, v in small.items() if k != "vocab_size"},
         )
         return tf.ViTForImageClassification(config)
     if kind == "gpt2":
         config = tf.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=32, vocab_size=VOCAB, bos_token_id=0,
-                               eos_token_id=0)
+                               eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return tf.GPT2LMHeadModel(config)
     if kind == "llama":
         config = tf.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
