@@ -12,12 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 pytest.importorskip("transformers")
 
-from transformer_models import Wrapper, loader  # noqa: E402
-
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune import attention as attn  # noqa: E402
 from lightning_halfprune.measure import count_params  # noqa: E402
 from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError  # noqa: E402
+from transformer_models import Wrapper, loader  # noqa: E402
 
 
 def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, model=None, **halfprune):

@@ -144,9 +144,11 @@ class AttentionSpec:
         return self.num_heads * self.head_dim
 
 
-def find_attention(model: nn.Module, warn: Any = None) -> list[AttentionSpec]:
-    """Every attention module of ``model`` this package can cut head-wise (``nn.MultiheadAttention`` excluded:
-    torch-pruning's own pruner handles it)."""
+def find_attention(model: nn.Module) -> list[AttentionSpec]:
+    """Every attention module of ``model`` that can be cut head-wise.
+
+    ``nn.MultiheadAttention`` is left to torch-pruning's own pruner (head-dim offsets of its embedding).
+    """
     modules = dict(model.named_modules())
     specs = []
     for name, module in modules.items():
@@ -294,7 +296,9 @@ def magnitude(group: Any, width: int) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------ planning
-def plan(spec: AttentionSpec, scores: torch.Tensor, keep_fraction: float, floor_fraction: float, mode: str) -> list[int]:
+def plan(
+    spec: AttentionSpec, scores: torch.Tensor, keep_fraction: float, floor_fraction: float, mode: str
+) -> list[int]:
     """Root output channels to remove so that about ``keep_fraction`` of the original q width stays.
 
     ``keep_fraction`` is relative to the current width; ``floor_fraction`` is the least the current width may

@@ -19,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
+from lightning_halfprune import publish
 from lightning_halfprune.attention import AttentionMode
 from lightning_halfprune.attention import check_mode as check_attention_mode
-from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch

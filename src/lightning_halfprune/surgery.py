@@ -425,13 +425,13 @@ def _inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
     width = graph.get_out_channels(root)
     for dep, idxs in group:
         module = dep.target.module
-        if not isinstance(module, ROOT_TYPES) or len(idxs) != width:
-            continue
-        get = graph.get_out_channels if graph.is_out_channel_pruning_fn(dep.handler) else graph.get_in_channels
-        if get(module) not in (None, width) and getattr(module, "groups", 1) == 1:
+        if not isinstance(module, ROOT_TYPES) or not graph.is_out_channel_pruning_fn(dep.handler):
+            continue  # inputs may legitimately be wider (concatenations)
+        if graph.get_out_channels(module) not in (None, width) and len(idxs) == width:
             warnings.warn(
                 f"HalfPrune leaves the channels of {graph._module2name.get(root)!r} alone: they are coupled to "
-                f"{graph._module2name.get(module)!r}, whose width differs ({get(module)} vs {width}); a layer that "
+                f"{graph._module2name.get(module)!r}, whose width differs ({graph.get_out_channels(module)} vs "
+                f"{width}); a layer that "
                 "mixes tokens (as in MLP-Mixer) rather than channels cannot be cut this way.",
                 stacklevel=2,
             )
