@@ -35,7 +35,7 @@ def models() -> dict:
             tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64)
         ),
-        "Llama 12 layers GQA (hidden 768, 113M)": lambda: tf.LlamaForCausalLM(
+        "Llama 12 layers GQA (hidden 768)": lambda: tf.LlamaForCausalLM(
             tf.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=256)
         ),
