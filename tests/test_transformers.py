@@ -188,3 +188,19 @@ def test_a_cut_that_mixes_heads_is_refused_and_undone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="`attention` must be one of"):
         HalfPrune(schedule={0: 0.5}, attention="rows")
+
+
+def test_a_failed_cut_undoes_attention_attributes_and_config():
+    model = Wrapper("llama")
+    surgeon = Surgeon(model, model.example_input_array)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = Cut("net.model.layers.0.self_attn.q_proj", list(range(32)))  # the first KV group: query heads 0 and 1
+    with pytest.raises(SurgeryError):
+        surgeon.cut([heads, Cut("net.model.layers.0.mlp.up_proj", [999])])
+    attention = model.net.model.layers[0].self_attn
+    assert model.net.config.num_attention_heads == 4 and model.net.config.num_key_value_heads == 2
+    assert not hasattr(attention, "num_heads") and attention.num_key_value_groups == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    surgeon.cut([heads])
+    assert attention.num_heads == 2 and attention.num_key_value_heads == 1 and model.net.config.num_attention_heads == 4
+    assert model(model.example_input_array).shape == (2, 8, 64)
