@@ -364,7 +364,10 @@ class Surgeon:
         )
         if not graph.check_pruning_group(group):
             raise SurgeryError(f"removing {len(cut.channels)} channels from {cut.layer!r} would empty a coupled layer.")
+        widths = {dep.target.module: dep.target.module.embed_dim for dep, _ in group
+                  if isinstance(dep.target.module, nn.MultiheadAttention)}
         group.prune(record_history=False)
+        _sync_hidden_dim(self.model, widths)
 
 
 # -------------------------------------------------------------------- helpers
@@ -437,6 +440,17 @@ def _inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
             )
             return True
     return False
+
+
+def _sync_hidden_dim(model: nn.Module, widths: dict[nn.MultiheadAttention, int]) -> None:
+    """``hidden_dim`` attributes that hold an ``nn.MultiheadAttention``'s old width (torchvision's ViT) follow it."""
+    for mha, old in widths.items():
+        if mha.embed_dim == old:
+            continue
+        for module in model.modules():
+            value = getattr(module, "hidden_dim", None)
+            if isinstance(value, int) and value == old and any(m is mha for m in module.modules()):
+                module.hidden_dim = mha.embed_dim
 
 
 def _shared_parameter_holders(model: nn.Module) -> dict[int, set[nn.Module]]:
