@@ -1,10 +1,11 @@
 """Which ``attention=`` keeps accuracy best: a small ViT on Fashion-MNIST, cut to half during training.
 
-    python benchmarks/attention_modes.py [SEEDS] [EPOCHS]
+    python benchmarks/attention_modes.py [SEEDS] [EPOCHS] [TRAIN_IMAGES] [MODES,...]
 
-A 2-block ViT (dim 64, 4 heads, fused ``qkv``, patch 7 on 28x28: 16 tokens + cls) trains on 12k Fashion-MNIST images
-with AdamW; ``HalfPrune(schedule={1: 0.25, 2: 0.5})`` cuts heads / head dims / both (MLP widths always), then training
-goes on; test accuracy on the 10k test images after the last epoch. Same seeds for every mode.
+A 2-block ViT (dim 64, 4 heads, fused ``qkv``, patch 7 on 28x28: 16 tokens + cls) trains on the first TRAIN_IMAGES
+Fashion-MNIST images with AdamW; ``HalfPrune(schedule={0: 0.25, 1: 0.5})`` cuts heads / head dims / both (MLP widths
+always), then training goes on; test accuracy on the 10k test images after the last epoch. Same seeds for every mode
+("unpruned" is the reference without HalfPrune).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ViT(pl.LightningModule):
 def run(mode: str | None, seed: int, epochs: int, train: TensorDataset, test: tuple) -> tuple[float, int]:
     pl.seed_everything(seed, verbose=False)
     model = ViT()
-    prune = HalfPrune(schedule={1: 0.25, 2: 0.5}, attention=mode or "none", latency_batch_size=0, verbose=False)
+    prune = HalfPrune(schedule={0: 0.25, 1: 0.5}, attention=mode or "none", latency_batch_size=0, verbose=False)
     callbacks = [prune] if mode else []
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
@@ -102,14 +103,16 @@ def main() -> None:
     torch.set_num_threads(2)
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 12000
+    modes = sys.argv[4].split(",") if len(sys.argv) > 4 else ["unpruned", "heads", "head_dim", "both", "none"]
     x, y = read("train")
-    train = TensorDataset(x[:12000], y[:12000])
+    train = TensorDataset(x[:n], y[:n])
     test = read("t10k")
-    print(f"{seeds} seeds, {epochs} epochs, cuts at the end of epochs 1 (0.25) and 2 (0.5); test acc on 10k\n")
+    print(f"{seeds} seeds, {epochs} epochs on {n} images, cuts after epochs 0 (0.25) and 1 (0.5); test acc on 10k\n")
     print("| attention | test acc (mean ± std) | per seed | params |")
     print("|---|---:|---|---:|")
     start = time.perf_counter()
-    for mode in (None, "heads", "head_dim", "both", "none"):
+    for mode in [None if m == "unpruned" else m for m in modes]:
         results = [run(mode, seed, epochs, train, test) for seed in range(seeds)]
         accs = [a for a, _ in results]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
