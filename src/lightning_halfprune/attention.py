@@ -343,7 +343,10 @@ def _clamp(keep: int, current: int, floor_fraction: float) -> int:
 
 
 def _q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
-    return scores[: spec.q_width].view(spec.num_heads, spec.head_dim)
+    """Scores as (heads, head_dim); a fused q|k|v layer adds up the q, k and v scores of each position."""
+    qw = spec.q_width
+    folded = scores[:qw] + scores[qw : 2 * qw] + scores[2 * qw : 3 * qw] if spec.qkv is not None else scores[:qw]
+    return folded.view(spec.num_heads, spec.head_dim)
 
 
 # ------------------------------------------------------------------ cutting
