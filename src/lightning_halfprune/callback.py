@@ -340,6 +340,8 @@ class HalfPrune(Callback):
             "round_to": self.round_to,
             "max_layer_ratio": self.max_layer_ratio,
             "global_pruning": self.global_pruning,
+            "attention": self.attention,
+            "prune_hidden_size": self.prune_hidden_size,
             "scoring_batches": self.scoring_batches,
             "regularization": self.regularization,
             "latency_batch_size": self.latency_batch_size,
