@@ -10,7 +10,7 @@ its projections are kept out of the graph's own groups, and it is cut as one uni
   head goes together with all the query heads that read it, so ``num_key_value_groups`` never changes.
 * ``"head_dim"``: the same offsets of the head dimension go in every head (not with rotary embeddings, whose
   pairs of offsets and frequencies would break; those fall back to whole heads).
-* ``"both"``: heads and head dims, each by about the square root of the kept fraction.
+* ``"both"``: heads and head dims, each by about the square root of the kept fraction (heads rounded up).
 
 The scale of the dot product is left as it was: with whole heads it is unchanged anyway, and with head dims the
 dropped offsets are the least important, so dividing the remaining dot product by the original ``sqrt(head_dim)``
@@ -316,8 +316,8 @@ def plan(
     elif mode == "head_dim":
         keep_dims = _clamp(round(spec.head_dim * keep_fraction), spec.head_dim, floor_fraction)
     else:  # both
-        axis = math.sqrt(keep_fraction)
-        keep_units = _clamp(round(units * axis), units, math.sqrt(floor_fraction))
+        axis = math.sqrt(keep_fraction)  # heads rounded up, so that with few heads the head dims take the rest
+        keep_units = _clamp(math.ceil(units * axis - 1e-9), units, math.sqrt(floor_fraction))
         keep_dims = _clamp(round(spec.q_width * keep_fraction / (keep_units * spec.group_size)), spec.head_dim,
                            math.sqrt(floor_fraction))
     unit_scores = q_scores.view(units, -1).mean(1)
