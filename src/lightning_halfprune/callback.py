@@ -20,6 +20,8 @@ from torch import nn
 
 from lightning_halfprune import averaging, best, compiled, monitor, publish, retry
 from lightning_halfprune import checkpoint as ckpt
+from lightning_halfprune.attention import AttentionMode
+from lightning_halfprune.attention import check_mode as check_attention_mode
 from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
 from lightning_halfprune.distill import Distiller
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
@@ -99,6 +101,11 @@ class HalfPrune(Callback):
         distill_loss_fn: ``(student_output, teacher_output) -> Tensor`` replacing the KL term (still times alpha).
         lr_rewind: after each cut, rewind the trainer's LR schedulers to where they were this many epochs before
             the next epoch (Renda et al., 2020). 0 turns it off.
+        attention: how attention modules (timm, torchvision, Hugging Face, lookalikes) are cut: ``"heads"``
+            removes whole heads (with GQA, a key/value head with all its query heads), ``"head_dim"`` the same
+            offsets of the head dimension in every head, ``"both"`` some of each, ``"none"`` leaves them alone.
+        prune_hidden_size: also cut the residual stream (embedding width) of models with attention, together
+            with everything that reads it; by default only heads and MLP widths are cut.
     """
 
     def __init__(
@@ -130,8 +137,12 @@ class HalfPrune(Callback):
         distill_output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
         distill_loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
         lr_rewind: int = 0,
+        attention: AttentionMode = "heads",
+        prune_hidden_size: bool = False,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
+        check_attention_mode(attention)
+        self.attention, self.prune_hidden_size = attention, bool(prune_hidden_size)
         self.scorer = get_scorer(scorer)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.ignored_layers = list(ignored_layers or [])
@@ -458,6 +469,8 @@ class HalfPrune(Callback):
             "round_to": self.round_to,
             "max_layer_ratio": self.max_layer_ratio,
             "global_pruning": self.global_pruning,
+            "attention": self.attention,
+            "prune_hidden_size": self.prune_hidden_size,
             "scoring_batches": self.scoring_batches,
             "regularization": self.regularization,
             "latency_batch_size": self.latency_batch_size,
@@ -534,6 +547,8 @@ class HalfPrune(Callback):
             max_layer_ratio=self.max_layer_ratio,
             global_pruning=self.global_pruning,
             original_widths=self.original_widths or None,
+            attention=self.attention,
+            prune_hidden_size=self.prune_hidden_size,
         )
         self.original_widths = surgeon.original_widths
         if needs_data(self.scorer):  # a batch the model cannot run fails now, not at the first cut

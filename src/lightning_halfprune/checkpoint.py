@@ -19,6 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.core.module import _jit_is_scripting
 from torch import nn
 
+from lightning_halfprune.attention import out_width
 from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError
 
 KEY = "halfprune"
@@ -143,7 +144,7 @@ def _check_original_widths(model: nn.Module, widths: Mapping[str, int]) -> None:
                 f"the checkpoint was pruned from a model with a layer {name!r}, which {type(model).__name__} does not "
                 "have: it is another architecture."
             ) from None
-        actual = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+        actual = getattr(layer, "out_channels", getattr(layer, "out_features", None)) or out_width(layer)
         if actual != width:
             raise CheckpointError(
                 f"layer {name!r} of {type(model).__name__} has {actual} output channels, but the checkpoint was pruned "

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any
@@ -22,7 +23,10 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner import function as tp_function
 
+from lightning_halfprune import attention as attn
+
 ROOT_TYPES = (ops.TORCH_CONV, ops.TORCH_LINEAR)
+_SKIPPED_OUTPUTS = ("past_key_values", "hidden_states", "attentions", "cross_attentions")
 
 
 class SurgeryError(RuntimeError):
@@ -48,6 +52,7 @@ class ChannelGroup:
     group: Any  # torch_pruning Group over all current channels
     width: int
     slots: int = 1  # channel groups (grouped conv, attention heads): a cut removes the same offset in each slot
+    attention: attn.AttentionSpec | None = None  # set for an attention module, cut head-wise (attention.py)
 
     @property
     def slot_size(self) -> int:
@@ -137,6 +142,9 @@ class Surgeon:
         max_layer_ratio: no group loses more than this fraction of its original channels.
         global_pruning: rank channels across all groups instead of within each.
         original_widths: group -> width when pruning started (restored from a checkpoint); default: now.
+        attention: how attention modules are cut: ``"heads"``, ``"head_dim"``, ``"both"`` or ``"none"``.
+        prune_hidden_size: also cut the residual stream width (embeddings, norms, every projection reading it)
+            of models with attention; by default it is left alone.
     """
 
     def __init__(
@@ -149,7 +157,12 @@ class Surgeon:
         max_layer_ratio: float = 0.9,
         global_pruning: bool = False,
         original_widths: dict[str, int] | None = None,
+        attention: attn.AttentionMode = "heads",
+        prune_hidden_size: bool = False,
     ) -> None:
+        attn.check_mode(attention)
+        self.attention = attention
+        self.prune_hidden_size = bool(prune_hidden_size)
         self.model = model
         self.example_input = example_input
         self.ignored_layers = list(ignored_layers)
@@ -180,7 +193,12 @@ class Surgeon:
         with graph_safe(self.model):
             try:
                 return tp.DependencyGraph().build_dependency(
-                    self.model, example_inputs=_plain_tensors(self.example_input), forward_fn=run_model, verbose=False
+                    self.model,
+                    example_inputs=_plain_tensors(self.example_input),
+                    forward_fn=run_model,
+                    output_transform=_output_tensors,
+                    customized_pruners=attn.customized_pruners(),
+                    verbose=False,
                 )
             except Exception as err:  # the user's model could not run the example input
                 raise ValueError(
@@ -198,14 +216,28 @@ class Surgeon:
         if self._groups is not None and self._groups[0] == self._signature:
             return self._groups[1]
         ignored = [m for layer in self.ignored_layers for m in layer.modules()]
+        specs = attn.find_attention(self.model)
+        # q/k/v are never roots of the graph's own groups: heads are cut by attention.py, and searching groups
+        # from them through rotary embeddings is what made torch-pruning hang on Llama
+        not_roots = ignored + [m for s in specs for m in s.inputs]
+        outputs = {s.o for s in specs}
+        roots = ROOT_TYPES + tuple(attn.customized_pruners())
+        holders = _shared_parameter_holders(self.model)
         found = []
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-            if _reaches_output(graph, group):
+        for group in graph.get_all_groups(ignored_layers=not_roots, root_module_types=roots):
+            if _reaches_output(graph, group) or _inconsistent(graph, group) or _unties(graph, group, holders):
                 continue
+            if outputs and not self.prune_hidden_size and _prunes_out(graph, group, outputs):
+                continue  # the residual stream of a transformer: left alone unless asked
             root = group[0].dep.target.module
             found.append(
                 ChannelGroup(graph._module2name[root], group, graph.get_out_channels(root), _slots(graph, group))
             )
+        if self.attention != "none":
+            for s in specs:
+                if s.root in ignored or s.module in ignored or s.root not in graph.module2node:
+                    continue
+                found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), attn.out_width(s.root), 1, s))
         self._groups = (self._signature, found)
         return found
 
@@ -217,14 +249,17 @@ class Surgeon:
     def plan(self, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
         """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
         scored = []
+        cuts = []
         for g in self.groups():
             if g.name not in self.original_widths:
                 continue
-            scores = _per_slot(g, _check_scores(g, score(g.group)))
+            if g.attention is not None:
+                cuts.extend(self._plan_attention(g, ratio, score))
+                continue
+            scores = _per_slot(g, _check_scores(g, _score_or_magnitude(g, score)))
             if scores is not None:
                 scored.append((g, scores))
         keep = self._global_keep(scored, ratio) if self.global_pruning else self._local_keep(scored, ratio)
-        cuts = []
         for g, scores in scored:
             n_slots_kept = keep[g.name] // g.slots
             drop = torch.argsort(scores, stable=True)[: g.slot_size - n_slots_kept].tolist()
@@ -232,6 +267,15 @@ class Surgeon:
                 channels = sorted(j + s * g.slot_size for s in range(g.slots) for j in drop)
                 cuts.append(Cut(g.name, channels))
         return cuts
+
+    def _plan_attention(self, g: ChannelGroup, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
+        """Whole heads / uniform head dims of one attention module (local ratio, also under global pruning)."""
+        scores = _check_scores(g, _score_or_magnitude(g, score))
+        original = self.original_widths[g.name]
+        keep_fraction = min(1.0, original * (1 - ratio) / g.width)
+        floor_fraction = original * (1 - self.max_layer_ratio) / g.width
+        channels = attn.plan(g.attention, scores, keep_fraction, floor_fraction, self.attention)
+        return [Cut(g.name, channels)] if channels else []
 
     def _floor(self, g: ChannelGroup) -> int:
         original = self.original_widths[g.name]
@@ -297,6 +341,15 @@ class Surgeon:
 
     def _prune_group(self, graph: tp.DependencyGraph, cut: Cut) -> None:
         module = _module_by_name(self.model, cut.layer)
+        spec = next((s for s in attn.find_attention(self.model) if s.root is module), None)
+        if spec is not None:
+            try:
+                attn.prune(spec, cut.channels)
+            except attn.AttentionError as err:
+                raise SurgeryError(str(err)) from err
+            attn.sync_configs(attn.find_attention(self.model))
+            self._graph = None  # the graph's split sizes inside attention are stale: rebuilt before the next use
+            return
         if module not in graph.module2node:
             raise SurgeryError(f"layer {cut.layer!r} is not in the model's dependency graph.")
         width = graph.get_out_channels(module)
@@ -311,10 +364,24 @@ class Surgeon:
         )
         if not graph.check_pruning_group(group):
             raise SurgeryError(f"removing {len(cut.channels)} channels from {cut.layer!r} would empty a coupled layer.")
+        widths = {dep.target.module: dep.target.module.embed_dim for dep, _ in group
+                  if isinstance(dep.target.module, nn.MultiheadAttention)}
         group.prune(record_history=False)
+        _sync_hidden_dim(self.model, widths)
 
 
 # -------------------------------------------------------------------- helpers
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output to trace from; Hugging Face caches and extra states are not outputs."""
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for k, v in out.items() if k not in _SKIPPED_OUTPUTS for t in _output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
 def _plain_tensors(x: Any) -> Any:
     """Inference-mode tensors cannot enter autograd: clone them into ordinary ones."""
     if torch.is_tensor(x):
@@ -348,6 +415,73 @@ def _reaches_output(graph: tp.DependencyGraph, group: Any) -> bool:
     return False
 
 
+def _prunes_out(graph: tp.DependencyGraph, group: Any, modules: set) -> bool:
+    return any(dep.target.module in modules and graph.is_out_channel_pruning_fn(dep.handler) for dep, _ in group)
+
+
+def _inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
+    """Channels that do not line up: a layer that mixes tokens (Mixer) coupled to one that mixes channels.
+
+    Such a group is skipped with a warning: pruning it would change the number of tokens.
+    """
+    root = group[0].dep.target.module
+    width = graph.get_out_channels(root)
+    for dep, idxs in group:
+        module = dep.target.module
+        if not isinstance(module, ROOT_TYPES) or not graph.is_out_channel_pruning_fn(dep.handler):
+            continue  # inputs may legitimately be wider (concatenations)
+        if graph.get_out_channels(module) not in (None, width) and len(idxs) == width:
+            warnings.warn(
+                f"HalfPrune leaves the channels of {graph._module2name.get(root)!r} alone: they are coupled to "
+                f"{graph._module2name.get(module)!r}, whose width differs ({graph.get_out_channels(module)} vs "
+                f"{width}); a layer that "
+                "mixes tokens (as in MLP-Mixer) rather than channels cannot be cut this way.",
+                stacklevel=2,
+            )
+            return True
+    return False
+
+
+def _sync_hidden_dim(model: nn.Module, widths: dict[nn.MultiheadAttention, int]) -> None:
+    """``hidden_dim`` attributes that hold an ``nn.MultiheadAttention``'s old width (torchvision's ViT) follow it."""
+    for mha, old in widths.items():
+        if mha.embed_dim == old:
+            continue
+        for module in model.modules():
+            value = getattr(module, "hidden_dim", None)
+            if isinstance(value, int) and value == old and any(m is mha for m in module.modules()):
+                module.hidden_dim = mha.embed_dim
+
+
+def _shared_parameter_holders(model: nn.Module) -> dict[int, set[nn.Module]]:
+    """Tied parameters (an embedding shared with an LM head, ...): parameter id -> every module holding it."""
+    holders: dict[int, set[nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(module)
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
+def _unties(graph: tp.DependencyGraph, group: Any, holders: dict[int, set[nn.Module]]) -> bool:
+    """True (with a warning) if the group would cut a tied parameter in some of the layers sharing it only."""
+    modules = {dep.target.module for dep, _ in group}
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for p in module._parameters.values():
+            if p is not None and id(p) in holders and not holders[id(p)] <= modules:
+                root = graph._module2name.get(group[0].dep.target.module)
+                warnings.warn(
+                    f"HalfPrune leaves the channels of {root!r} alone: they cut a parameter tied between "
+                    f"{sorted(graph._module2name.get(m, '?') for m in holders[id(p)])}, not all of which are "
+                    "coupled to them; tied weights are only cut all together.",
+                    stacklevel=2,
+                )
+                return True
+    return False
+
+
 def _slots(graph: tp.DependencyGraph, group: Any) -> int:
     """Channel groups that must stay equal in size: grouped convs, GroupNorm, attention heads."""
     slots = 1
@@ -366,6 +500,16 @@ def _slots(graph: tp.DependencyGraph, group: Any) -> int:
         else:
             slots = max(slots, pruner.get_in_channel_groups(module))
     return slots
+
+
+def _score_or_magnitude(g: ChannelGroup, score: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
+    """The scorer's scores; weight magnitude where it cannot read the group's layers (HF ``Conv1D``)."""
+    scores = score(g.group)
+    if scores is None or (hasattr(scores, "__len__") and len(scores) == 0):
+        conv1d = attn.conv1d_class()
+        if conv1d is not None and any(isinstance(item.dep.target.module, conv1d) for item in g.group):
+            return attn.magnitude(g.group, g.width)
+    return scores
 
 
 def _check_scores(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | None:
@@ -404,12 +548,22 @@ class _ModuleSnapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self.saved = []
+        configs = {}
         for m in model.modules():
             state = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
             self.saved.append((m, state, dict(m._parameters), dict(m._buffers)))
+            config = getattr(m, "config", None)  # Hugging Face configs: attention cuts write head counts there
+            if config is not None and not isinstance(config, nn.Module) and hasattr(config, "__dict__"):
+                configs[id(config)] = (config, dict(vars(config)))
+        self.configs = list(configs.values())
 
     def restore(self) -> None:
+        for config, state in self.configs:
+            vars(config).clear()
+            vars(config).update(state)
         for m, state, params, buffers in self.saved:
+            for key in [k for k in vars(m) if k not in state and k not in ("_parameters", "_buffers", "_modules")]:
+                delattr(m, key)  # attributes a failed cut added
             vars(m).update(state)
             m._parameters.clear()
             m._parameters.update(params)
@@ -422,14 +576,25 @@ def _tracking_slices() -> Iterator[ParamRemap]:
     """Record every slice torch-pruning takes of a parameter, chaining repeated slices of the same tensor."""
     remap = ParamRemap()
     successor: dict[nn.Parameter, nn.Parameter] = {}  # newest tensor -> the original it came from
+    done: dict[tuple[int, int], tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}  # (tensor, dim) -> slice
     original = tp_function.BasePruningFunc._prune_parameter_and_grad
 
     def tracked(self: Any, weight: nn.Parameter, keep_idxs: Sequence[int], pruning_dim: int) -> nn.Parameter:
+        keep = torch.as_tensor(list(keep_idxs), dtype=torch.long)
+        dim = pruning_dim % weight.dim()
+        if (id(weight), dim) in done:  # a shared (tied) tensor reached again through another module: one cut
+            _, new, kept = done[(id(weight), dim)]
+            if not torch.equal(kept, keep):
+                raise SurgeryError(
+                    f"a parameter of shape {tuple(weight.shape)} is shared by two layers that would keep different "
+                    "channels of it; tied weights must be cut alike."
+                )
+            return new
         new = original(self, weight, keep_idxs, pruning_dim)
+        done[(id(weight), dim)] = (weight, new, keep)
         source = successor.pop(weight, weight)
         _, steps = remap.steps.get(source, (None, []))
-        keep = torch.as_tensor(list(keep_idxs), dtype=torch.long)
-        remap.steps[source] = (new, [*steps, (pruning_dim % weight.dim(), keep)])
+        remap.steps[source] = (new, [*steps, (dim, keep)])
         successor[new] = source
         return new
 

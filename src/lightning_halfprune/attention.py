@@ -1,0 +1,465 @@
+"""Attention modules: find them, score and cut them head-wise, and keep their own attributes in sync.
+
+torch-pruning's graph sees a query projection's output channels as plain channels: the reshape into heads, the
+rotary embedding and the grouped key/value heads of GQA are invisible to it, so a plain cut mixes heads (and the
+rotary concatenations make its group search explode: the Llama hang). Here an attention module is recognised by
+its structure (a fused ``qkv``/``c_attn`` layer or ``q/k/v`` projections, an output projection, a head count),
+its projections are kept out of the graph's own groups, and it is cut as one unit:
+
+* ``"heads"``: whole heads go, with their q/k/v rows and the output projection's columns; with GQA a key/value
+  head goes together with all the query heads that read it, so ``num_key_value_groups`` never changes.
+* ``"head_dim"``: the same offsets of the head dimension go in every head (not with rotary embeddings, whose
+  pairs of offsets and frequencies would break; those fall back to whole heads).
+* ``"both"``: heads and head dims, each by about the square root of the kept fraction (heads rounded up).
+
+The scale of the dot product is left as it was: with whole heads it is unchanged anyway, and with head dims the
+dropped offsets are the least important, so dividing the remaining dot product by the original ``sqrt(head_dim)``
+keeps the logits closest to the unpruned ones.
+
+A cut is recorded like any other: the root projection's name and its removed output channels, so checkpoints
+replay it through the same path (``Surgeon.cut``), which also syncs the attributes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function as tp_function
+
+AttentionMode = Literal["heads", "head_dim", "both", "none"]
+ATTENTION_MODES = ("heads", "head_dim", "both", "none")
+
+_FUSED = ("qkv", "c_attn", "in_proj", "Wqkv", "qkv_proj")
+_SEPARATE = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
+_OUTPUT = ("o_proj", "out_proj", "out_lin", "c_proj", "proj", "o", "dense")
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads")
+_HEAD_DIM = ("head_dim", "attention_head_size", "d_head", "head_size")
+
+
+class AttentionError(RuntimeError):
+    """An attention cut that would mix heads or break the key/value grouping."""
+
+
+def check_mode(attention: Any) -> None:
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {attention!r}.")
+
+
+# ------------------------------------------------------------------ HF Conv1D
+def conv1d_class() -> type | None:
+    """Hugging Face's ``Conv1D`` (a Linear with a transposed weight), if transformers is already imported."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
+class Conv1DPruner(tp_function.BasePruningFunc):
+    """torch-pruning pruner for Hugging Face ``Conv1D`` (GPT-2): weight is ``(in, out)``."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
+_LINEAR = tp_function.LinearPruner()
+_CONV1D = Conv1DPruner()
+
+
+def customized_pruners() -> dict[type, Any]:
+    cls = conv1d_class()
+    return {cls: _CONV1D} if cls is not None else {}
+
+
+def _pruner(layer: nn.Module) -> Any:
+    return _LINEAR if isinstance(layer, nn.Linear) else _CONV1D
+
+
+def out_width(layer: nn.Module) -> int | None:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    cls = conv1d_class()
+    if cls is not None and isinstance(layer, cls):
+        return layer.weight.shape[1]
+    return None
+
+
+# ------------------------------------------------------------------ finding
+@dataclass
+class AttentionSpec:
+    """One attention module: its projections and head structure (read from the module, never cached long)."""
+
+    name: str
+    module: nn.Module
+    q: nn.Module | None
+    k: nn.Module | None
+    v: nn.Module | None
+    qkv: nn.Module | None
+    o: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool
+    root_name: str
+
+    @property
+    def root(self) -> nn.Module:
+        return self.qkv if self.qkv is not None else self.q
+
+    @property
+    def inputs(self) -> list[nn.Module]:
+        return [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without GQA): the unit a head cut removes."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+def find_attention(model: nn.Module) -> list[AttentionSpec]:
+    """Every attention module of ``model`` that can be cut head-wise.
+
+    ``nn.MultiheadAttention`` is left to torch-pruning's own pruner (head-dim offsets of its embedding).
+    """
+    modules = dict(model.named_modules())
+    specs = []
+    for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention):
+            continue
+        spec = _spec(name, module, modules)
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def _child(module: nn.Module, names: Sequence[str]) -> tuple[str, nn.Module] | None:
+    for n in names:
+        child = module._modules.get(n)
+        if child is not None and out_width(child) is not None:
+            return n, child
+    return None
+
+
+def _int_attr(objs: Sequence[Any], names: Sequence[str]) -> int | None:
+    for obj in objs:
+        for n in names:
+            value = getattr(obj, n, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _spec(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionSpec | None:
+    fused = _child(module, _FUSED)
+    separate = next(
+        (trio for trio in _SEPARATE if all(_child(module, (n,)) is not None for n in trio)), None
+    )
+    if fused is None and separate is None:
+        return None
+    output = _child(module, _OUTPUT)
+    if output is None:  # BERT/ViT: the output projection lives in the parent's `output.dense`
+        parent = modules.get(name.rpartition(".")[0])
+        holder = parent._modules.get("output") if parent is not None else None
+        if holder is not None and holder is not module:
+            found = _child(holder, ("dense",))
+            output = found
+    if output is None:
+        return None
+    config = getattr(module, "config", None)
+    objs = [module] + ([config] if config is not None and not isinstance(config, nn.Module) else [])
+    heads = _int_attr(objs, _HEADS)
+    if heads is None:
+        return None
+    if fused is not None:
+        qkv, q = fused[1], None
+        root_name = _join(name, fused[0])
+        total = out_width(qkv)
+        if total % (3 * heads):
+            return None
+        head_dim, kv, k, v = total // (3 * heads), heads, None, None
+    else:
+        q, k, v = (module._modules[n] for n in separate)
+        qkv, root_name = None, _join(name, separate[0])
+        head_dim = _int_attr([module], _HEAD_DIM) or out_width(q) // heads
+        kv = _int_attr(objs, _KV_HEADS) or out_width(k) // head_dim
+        if out_width(k) != kv * head_dim or out_width(v) != kv * head_dim:
+            return None
+    if out_width(q if q is not None else qkv) != (heads * head_dim if q is not None else 3 * heads * head_dim):
+        return None
+    if heads % kv or _in_width(output[1]) != heads * head_dim:
+        return None
+    rope = "position_embeddings" in _forward_params(module) or hasattr(module, "rotary_emb")
+    return AttentionSpec(name, module, q, k, v, qkv, output[1], heads, kv, head_dim, rope, root_name)
+
+
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]
+
+
+def _forward_params(module: nn.Module) -> Sequence[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+# ------------------------------------------------------------------ scoring
+def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
+    """A torch-pruning ``Group`` over the root's output channels, so every scorer scores attention channels.
+
+    q/k/v rows and the output projection's columns are mapped to the root channel they belong to (a key/value
+    channel to the first query head that reads it).
+    """
+    group = tp.dependency.Group()
+    width = out_width(spec.root)
+    root_idxs = list(range(width))
+
+    def add(layer: nn.Module, out: bool, idxs: list[int], roots: list[int]) -> None:
+        pruner = _pruner(layer)
+        fn = pruner.prune_out_channels if out else pruner.prune_in_channels
+        if isinstance(layer, nn.Linear):
+            fn = tp_function.prune_linear_out_channels if out else tp_function.prune_linear_in_channels
+        node = graph.module2node.get(layer)
+        if node is None:
+            return
+        group.add_dep(tp.dependency.Dependency(fn, fn, node, node), idxs)
+        group[len(group) - 1].root_idxs = roots
+
+    add(spec.root, True, root_idxs, root_idxs)
+    if spec.qkv is None:
+        kv_roots = [_kv_to_q(spec, c) for c in range(spec.num_kv_heads * spec.head_dim)]
+        add(spec.k, True, list(range(len(kv_roots))), kv_roots)
+        add(spec.v, True, list(range(len(kv_roots))), kv_roots)
+    add(spec.o, False, list(range(spec.q_width)), list(range(spec.q_width)))
+    group._DG = graph
+    return group
+
+
+def _kv_to_q(spec: AttentionSpec, channel: int) -> int:
+    head, offset = divmod(channel, spec.head_dim)
+    return head * spec.group_size * spec.head_dim + offset
+
+
+def magnitude(group: Any, width: int) -> torch.Tensor | None:
+    """L2 norm of each root channel's weights over a group's Linear and HF ``Conv1D`` layers.
+
+    The fallback when a scorer cannot read a layer type: torch-pruning's importances skip ``Conv1D`` (GPT-2).
+    None if the group has no such layer.
+    """
+    conv1d = conv1d_class()
+    total, found = torch.zeros(width), False
+    for item in group:
+        layer, fn = item.dep.target.module, item.dep.handler
+        if not isinstance(layer, nn.Linear) and not (conv1d is not None and isinstance(layer, conv1d)):
+            continue
+        out = group._DG.is_out_channel_pruning_fn(fn) if getattr(group, "_DG", None) else True
+        w = layer.weight.detach()
+        w = w.t() if conv1d is not None and isinstance(layer, conv1d) else w  # as (out, in)
+        w = w if out else w.t()
+        if max(item.idxs, default=-1) >= w.shape[0] or item.root_idxs is None or None in item.root_idxs:
+            continue
+        total.index_add_(0, torch.as_tensor(item.root_idxs), w[torch.as_tensor(item.idxs)].float().pow(2).sum(1).cpu())
+        found = True
+    return total.sqrt() if found else None
+
+
+# ------------------------------------------------------------------ planning
+def plan(
+    spec: AttentionSpec, scores: torch.Tensor, keep_fraction: float, floor_fraction: float, mode: str
+) -> list[int]:
+    """Root output channels to remove so that about ``keep_fraction`` of the original q width stays.
+
+    ``keep_fraction`` is relative to the current width; ``floor_fraction`` is the least the current width may
+    shrink to (from ``max_layer_ratio``). Whole key/value groups (heads) or uniform head-dim offsets only.
+    """
+    q_scores = _q_space(spec, scores)  # (heads, head_dim)
+    if mode == "head_dim" and spec.rope:
+        mode = "heads"
+    if mode == "both" and spec.rope:
+        mode = "heads"
+    units = spec.num_kv_heads
+    keep_units, keep_dims = units, spec.head_dim
+    if mode == "heads":
+        keep_units = _clamp(round(units * keep_fraction), units, floor_fraction)
+    elif mode == "head_dim":
+        keep_dims = _clamp(round(spec.head_dim * keep_fraction), spec.head_dim, floor_fraction)
+    else:  # both
+        axis = math.sqrt(keep_fraction)  # heads rounded up, so that with few heads the head dims take the rest
+        keep_units = _clamp(math.ceil(units * axis - 1e-9), units, math.sqrt(floor_fraction))
+        keep_dims = _clamp(round(spec.q_width * keep_fraction / (keep_units * spec.group_size)), spec.head_dim,
+                           math.sqrt(floor_fraction))
+    unit_scores = q_scores.view(units, -1).mean(1)
+    drop_units = torch.argsort(unit_scores, stable=True)[: units - keep_units].tolist()
+    kept_heads = [h for h in range(spec.num_heads) if h // spec.group_size not in drop_units]
+    dim_scores = q_scores[kept_heads].mean(0)
+    drop_dims = set(torch.argsort(dim_scores, stable=True)[: spec.head_dim - keep_dims].tolist())
+    removed = [
+        h * spec.head_dim + d
+        for h in range(spec.num_heads)
+        for d in range(spec.head_dim)
+        if h // spec.group_size in drop_units or d in drop_dims
+    ]
+    if spec.qkv is None or not removed:
+        return removed
+    kv = sorted(_kv_removed(spec, removed))
+    qw, kw = spec.q_width, spec.num_kv_heads * spec.head_dim
+    return removed + [qw + c for c in kv] + [qw + kw + c for c in kv]
+
+
+def _clamp(keep: int, current: int, floor_fraction: float) -> int:
+    return int(min(current, max(keep, math.ceil(current * floor_fraction - 1e-9), 1)))
+
+
+def _q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
+    """Scores as (heads, head_dim); a fused q|k|v layer adds up the q, k and v scores of each position."""
+    qw = spec.q_width
+    folded = scores[:qw] + scores[qw : 2 * qw] + scores[2 * qw : 3 * qw] if spec.qkv is not None else scores[:qw]
+    return folded.view(spec.num_heads, spec.head_dim)
+
+
+# ------------------------------------------------------------------ cutting
+def prune(spec: AttentionSpec, channels: Sequence[int]) -> None:
+    """Remove root channels ``channels`` (whole heads and/or the same head-dim offsets) from every projection."""
+    q_removed = sorted({int(c) for c in channels if int(c) < spec.q_width})
+    heads, dims = _decode(spec, q_removed)
+    if dims and spec.rope:
+        raise AttentionError(f"{spec.name!r} uses rotary embeddings: its head dimension cannot be cut, only heads.")
+    kv_removed = sorted(_kv_removed(spec, q_removed))
+    if spec.qkv is not None:
+        qw, kw = spec.q_width, spec.num_kv_heads * spec.head_dim
+        expected = q_removed + [qw + c for c in kv_removed] + [qw + kw + c for c in kv_removed]
+        if sorted({int(c) for c in channels}) != expected:
+            raise AttentionError(f"the cut of {spec.root_name!r} removes different channels of q, k and v.")
+        _pruner(spec.qkv).prune_out_channels(spec.qkv, expected)
+    else:
+        for layer, removed in ((spec.q, q_removed), (spec.k, kv_removed), (spec.v, kv_removed)):
+            if removed:
+                _pruner(layer).prune_out_channels(layer, removed)
+    _pruner(spec.o).prune_in_channels(spec.o, q_removed)
+    _slice_head_params(spec, heads)
+    sync(spec, spec.num_heads - len(heads), spec.num_kv_heads - len(heads) // spec.group_size,
+         spec.head_dim - len(dims))
+
+
+def _decode(spec: AttentionSpec, q_removed: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Whole heads and uniform offsets of a cut; an ``AttentionError`` if it mixes heads or splits a KV group."""
+    removed = set(q_removed)
+    d = spec.head_dim
+    heads = [h for h in range(spec.num_heads) if all(h * d + j in removed for j in range(d))]
+    rest = removed - {h * d + j for h in heads for j in range(d)}
+    dims = sorted({c % d for c in rest})
+    kept = [h for h in range(spec.num_heads) if h not in heads]
+    if rest != {h * d + j for h in kept for j in dims}:
+        raise AttentionError(
+            f"the cut of {spec.root_name!r} would mix attention heads: its channels are neither whole heads nor the "
+            "same head-dim offsets in every head."
+        )
+    groups = {h // spec.group_size for h in heads}
+    if len(heads) != len(groups) * spec.group_size:
+        raise AttentionError(
+            f"the cut of {spec.root_name!r} removes query heads {heads} that do not form whole key/value groups of "
+            f"{spec.group_size}."
+        )
+    return heads, dims
+
+
+def _kv_removed(spec: AttentionSpec, q_removed: Sequence[int]) -> set[int]:
+    """Key/value channels that go with removed query channels: whole KV heads, and head-dim offsets alike."""
+    removed = set(q_removed)
+    d, g = spec.head_dim, spec.group_size
+    out = set()
+    for kv_head in range(spec.num_kv_heads):
+        for j in range(d):
+            if all((kv_head * g + r) * d + j in removed for r in range(g)):
+                out.add(kv_head * d + j)
+    return out
+
+
+def _slice_head_params(spec: AttentionSpec, heads: Sequence[int]) -> None:
+    """Per-head parameters of the module itself (Swin's relative position bias table), sliced like the heads."""
+    if not heads:
+        return
+    keep = [h for h in range(spec.num_heads) if h not in set(heads)]
+    for pname, param in list(spec.module._parameters.items()):
+        if param is not None and param.dim() >= 1 and param.shape[-1] == spec.num_heads and pname != "weight":
+            setattr(spec.module, pname, _LINEAR._prune_parameter_and_grad(param, keep, param.dim() - 1))
+
+
+_SYNCED = {
+    "heads": _HEADS,
+    "kv": _KV_HEADS,
+    "head_dim": _HEAD_DIM,
+    "width": ("all_head_size", "split_size", "inner_dim", "attn_dim"),
+}
+
+
+def sync(spec: AttentionSpec, heads: int, kv: int, head_dim: int) -> None:
+    """Write the new head structure into the module's own attributes (the ones its forward reads)."""
+    m = spec.module
+    values = {"heads": heads, "kv": kv, "head_dim": head_dim, "width": heads * head_dim}
+    old = {"heads": spec.num_heads, "kv": spec.num_kv_heads, "head_dim": spec.head_dim, "width": spec.q_width}
+    for key, names in _SYNCED.items():
+        for n in names:
+            value = getattr(m, n, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value == old[key]:
+                setattr(m, n, values[key])
+    if hasattr(m, "num_key_value_groups"):
+        m.num_key_value_groups = heads // kv
+    # also on the module itself, so that finding it again does not read a shared config (Llama keeps none)
+    m.num_heads, m.num_key_value_heads, m.head_dim = heads, kv, head_dim
+    spec.num_heads, spec.num_kv_heads, spec.head_dim = heads, kv, head_dim
+
+
+def sync_configs(specs: Sequence[AttentionSpec]) -> None:
+    """Hugging Face configs shared by attention modules: head counts written where every layer agrees.
+
+    A config whose layers were cut differently (global pruning) keeps its numbers; the modules' own attributes,
+    which forward reads, are right in any case.
+    """
+    by_config: dict[int, tuple[Any, list[AttentionSpec]]] = {}
+    for s in specs:
+        config = getattr(s.module, "config", None)
+        if config is not None and not isinstance(config, nn.Module):
+            by_config.setdefault(id(config), (config, []))[1].append(s)
+    for config, members in by_config.values():
+        shapes = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in members}
+        if len(shapes) != 1:
+            continue
+        heads, kv, head_dim = shapes.pop()
+        for n, value in (("num_attention_heads", heads), ("num_key_value_heads", kv), ("n_head", heads)):
+            if isinstance(getattr(config, n, None), int):
+                setattr(config, n, value)
+        if isinstance(getattr(config, "head_dim", None), int):
+            config.head_dim = head_dim

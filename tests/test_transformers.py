@@ -1,0 +1,206 @@
+"""Transformers: heads cut whole (or head dims uniformly), attributes synced, tied weights one tensor, resume."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+pytest.importorskip("transformers")
+
+from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
+from lightning_halfprune import attention as attn  # noqa: E402
+from lightning_halfprune.measure import count_params  # noqa: E402
+from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError  # noqa: E402
+from transformer_models import Wrapper, loader  # noqa: E402
+
+
+def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, model=None, **halfprune):
+    model = model or Wrapper(kind, optimizer=halfprune.pop("optimizer", "sgd"))
+    cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False, **halfprune)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+        enable_checkpointing=bool(callbacks), callbacks=[cb, *callbacks], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=3, limit_val_batches=1,
+    )
+    trainer.fit(model, loader(kind), loader(kind), ckpt_path=ckpt_path)
+    return model, cb
+
+
+def attention_cuts(model, cb):
+    """(spec before any cut, removed root channels) per attention cut in the history."""
+    fresh = {s.root_name: s for s in attn.find_attention(Wrapper(model.hparams.kind))}
+    return [(fresh[layer], channels) for event in cb.history for layer, channels in event["cuts"] if layer in fresh]
+
+
+def assert_heads_whole_or_uniform(model, cb):
+    for spec, channels in attention_cuts(model, cb)[:2]:  # the first event's cuts are against the original shape
+        q = [c for c in channels if c < spec.q_width]
+        heads, dims = attn._decode(spec, q)  # raises if heads are mixed
+        assert heads or dims
+
+
+def assert_attributes_synced(model):
+    for spec in attn.find_attention(model):
+        assert spec.num_heads * spec.head_dim == spec.q_width
+        root = attn.out_width(spec.root)
+        assert root == (3 * spec.q_width if spec.qkv is not None else spec.q_width)
+        m = spec.module
+        for name in ("num_heads", "num_attention_heads", "n_head"):
+            if hasattr(m, name):
+                assert getattr(m, name) == spec.num_heads
+        for name in ("head_dim", "attention_head_size"):
+            if hasattr(m, name):
+                assert getattr(m, name) == spec.head_dim
+        if hasattr(m, "all_head_size"):
+            assert m.all_head_size == spec.q_width
+        if hasattr(m, "split_size"):
+            assert m.split_size == spec.q_width
+        if hasattr(m, "num_key_value_groups"):
+            assert m.num_key_value_groups == spec.num_heads // spec.num_kv_heads
+
+
+def tied(model):
+    net = model.net
+    if hasattr(net, "transformer"):
+        return net.lm_head.weight is net.transformer.wte.weight
+    if hasattr(net, "model") and net.config.tie_word_embeddings:
+        return net.lm_head.weight is net.model.embed_tokens.weight
+    return net.lm_head.weight is net.embed.weight
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit", "gpt2", "llama", "qwen2", "vit_block"])
+def test_fit_prunes_whole_heads(tmp_path, kind):
+    before = count_params(Wrapper(kind))
+    model, cb = fit(tmp_path, kind)
+    assert count_params(model) <= 0.7 * before, (count_params(model), before)
+    assert attention_cuts(model, cb), "no attention module was cut"
+    assert_heads_whole_or_uniform(model, cb)
+    assert_attributes_synced(model)
+    losses_after = model.losses[-3:]
+    assert all(math.isfinite(v) for v in losses_after)
+    with torch.no_grad():
+        out = model.eval()(model.example_input_array)
+    assert out.shape[0] == 2 and out.shape[-1] == Wrapper(kind).eval()(model.example_input_array).shape[-1]
+    if kind in ("gpt2", "llama"):
+        assert tied(model)
+
+
+def test_head_dim_mode_cuts_same_offsets_in_every_head(tmp_path):
+    model, cb = fit(tmp_path, "vit_block", epochs=2, attention="head_dim")
+    for spec, channels in attention_cuts(model, cb)[:2]:
+        heads, dims = attn._decode(spec, [c for c in channels if c < spec.q_width])
+        assert not heads and dims
+    assert_attributes_synced(model)
+    assert [s.num_heads for s in attn.find_attention(model)] == [4, 4]
+
+
+def test_rotary_attention_falls_back_to_heads_and_gqa_groups_stay_whole(tmp_path):
+    model, cb = fit(tmp_path, "llama", epochs=2, attention="both")
+    for spec, channels in attention_cuts(model, cb):
+        heads, dims = attn._decode(spec, channels)
+        assert heads and not dims and len(heads) % spec.group_size == 0
+    for spec in attn.find_attention(model):
+        assert (spec.num_heads, spec.num_kv_heads) == (2, 1)
+        assert spec.module.config.num_attention_heads == 2 and spec.module.config.num_key_value_heads == 1
+
+
+@pytest.mark.parametrize("scorer", ["l1", "taylor"])
+def test_scorers_score_heads(tmp_path, scorer):
+    model, cb = fit(tmp_path, "bert", epochs=1, scorer=scorer)
+    assert_heads_whole_or_uniform(model, cb)
+    assert [s.num_heads for s in attn.find_attention(model)] == [3, 3]
+
+
+def test_prune_hidden_size_keeps_tied_embedding_one_tensor(tmp_path):
+    model, cb = fit(tmp_path, "gpt2", epochs=2, prune_hidden_size=True, optimizer="adamw")
+    assert model.net.transformer.wte.weight.shape[1] < 64
+    assert tied(model)
+    optimizer = model.trainer.optimizers[0]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert sum(p is model.net.lm_head.weight for p in params) == 1
+    assert optimizer.state[model.net.lm_head.weight]["exp_avg"].shape == model.net.lm_head.weight.shape
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_tied_weights_cut_as_one_with_optimizer_state(tmp_path, optimizer):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model, cb = fit(tmp_path, "tied", epochs=2, callbacks=[ckpt], optimizer=optimizer)
+    assert model.net.embed.weight.shape == (64, 16)
+    assert tied(model)
+    opt = model.trainer.optimizers[0]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert sum(p is model.net.embed.weight for p in params) == 1
+    state = opt.state[model.net.embed.weight]
+    assert all(v.shape == (64, 16) for v in state.values() if torch.is_tensor(v) and v.dim() == 2)
+    loaded = load_pruned(Wrapper, ckpt.last_model_path)
+    assert tied(loaded)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_resume_after_first_cut_and_load_pruned(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model, cb = fit(tmp_path, "gpt2", epochs=3, callbacks=[ckpt])
+    first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    resumed, cb2 = fit(tmp_path / "resume", "gpt2", epochs=3, ckpt_path=str(first), callbacks=[])
+    assert [e["cuts"] for e in cb2.history] == [e["cuts"] for e in cb.history]
+    assert resumed.losses == pytest.approx(model.losses[len(model.losses) - len(resumed.losses):], rel=1e-4)
+    assert_attributes_synced(resumed)
+    assert tied(resumed)
+    last = sorted((tmp_path / "ckpt").glob("epoch=2*.ckpt"))[0]
+    loaded = load_pruned(Wrapper, last)
+    assert_attributes_synced(loaded)
+    assert tied(loaded)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(model.example_input_array), model.eval()(model.example_input_array))
+
+
+def test_mixer_token_mixing_left_alone_with_warning(tmp_path):
+    with pytest.warns(UserWarning, match="mixes tokens"):
+        model, cb = fit(tmp_path, "mixer", epochs=2)
+    assert model.net.token_mlp[2].out_features == 16  # the token count never changes
+    assert model.net.token_mlp[0].out_features < 32 and model.net.channel_mlp[0].out_features < 64
+    assert model(model.example_input_array).shape == (2, 3)
+
+
+def test_llama_graph_and_groups_ready_in_seconds():
+    model = Wrapper("llama")
+    start = time.perf_counter()
+    surgeon = Surgeon(model, model.example_input_array)
+    groups = surgeon.groups()
+    assert time.perf_counter() - start < 10
+    assert sum(g.attention is not None for g in groups) == 2
+
+
+def test_a_cut_that_mixes_heads_is_refused_and_undone():
+    model = Wrapper("bert")
+    surgeon = Surgeon(model, model.example_input_array)
+    layer = "net.bert.encoder.layer.0.attention.self.query"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError, match="mix attention heads"):
+        surgeon.cut([Cut(layer, [0, 1, 17])])
+    assert_attributes_synced(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="`attention` must be one of"):
+        HalfPrune(schedule={0: 0.5}, attention="rows")
+
+
+def test_a_failed_cut_undoes_attention_attributes_and_config():
+    model = Wrapper("llama")
+    surgeon = Surgeon(model, model.example_input_array)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = Cut("net.model.layers.0.self_attn.q_proj", list(range(32)))  # the first KV group: query heads 0 and 1
+    with pytest.raises(SurgeryError):
+        surgeon.cut([heads, Cut("net.model.layers.0.mlp.up_proj", [999])])
+    attention = model.net.model.layers[0].self_attn
+    assert model.net.config.num_attention_heads == 4 and model.net.config.num_key_value_heads == 2
+    assert not hasattr(attention, "num_heads") and attention.num_key_value_groups == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    surgeon.cut([heads])
+    assert attention.num_heads == 2 and attention.num_key_value_heads == 1 and model.net.config.num_attention_heads == 4
+    assert model(model.example_input_array).shape == (2, 8, 64)
