@@ -23,20 +23,15 @@ from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
-from lightning_halfprune.measure import (
-    MacCounter,
-    architecture,
-    count_params,
-    evaluate_metric,
-    layer_widths,
-    measure_latency,
-)
+from lightning_halfprune.latency import SideBySide
+from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.schedule import Schedule
 from lightning_halfprune.scoring import Scorer, _inputs_of, get_scorer, needs_data
 from lightning_halfprune.surgery import Cut, Surgeon, resolve_ignored
+from lightning_halfprune.target import Aim, Target, Targeter, check_target
 
 
 class HalfPrune(Callback):
@@ -63,8 +58,15 @@ class HalfPrune(Callback):
             epoch ``regularize_from`` until the last prune point (group lasso; L1 on BatchNorm scales with
             ``scorer="bn_scale"``). 0 turns it off.
         regularize_from: the epoch the penalty starts.
-        latency_batch_size: batch size at which inference latency is measured before and after each event;
-            0 turns latency measurement off.
+        latency_batch_size: batch size at which each cut's speed-up is measured, old and new architecture timed
+            side by side (interleaved); also the original against the final one after fit. 0 turns timing off.
+        latency_budget_s: seconds each side-by-side comparison may take (at least 6 A/B pairs are timed).
+        latency_threads: ``torch.set_num_threads`` while timing (restored after); None: the setting at fit start.
+            One thread by default: on a shared machine multi-threaded timings mostly measure the scheduler.
+        target: what a schedule value reduces: ``"channels"`` (fraction of channels removed), ``"params"``,
+            ``"macs"`` (0.5: half the original parameters / MACs per sample) or ``"latency"`` (0.5: half the
+            original inference time, i.e. 2x faster, timed side by side). Other than ``"channels"``, channels are
+            ranked globally (scores normalised per group) and the channel count is searched to meet the target.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
             it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
         mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is.
@@ -90,6 +92,9 @@ class HalfPrune(Callback):
         regularization: float = 0.0,
         regularize_from: int = 0,
         latency_batch_size: int = 64,
+        latency_budget_s: float = 1.0,
+        latency_threads: Optional[int] = 1,
+        target: Target = "channels",
         monitor: Optional[str] = None,
         mode: Literal["max", "min"] = "max",
         max_drop: Optional[float] = None,
@@ -117,6 +122,16 @@ class HalfPrune(Callback):
         _check_int("regularize_from", regularize_from, minimum=0)
         self.regularization, self.regularize_from = float(regularization), regularize_from
         self.latency_batch_size = latency_batch_size
+        _check_int("latency_threads", latency_threads, minimum=1, optional=True)
+        budget = latency_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise ValueError(f"`latency_budget_s` must be a number > 0, got {latency_budget_s!r}.")
+        check_target(target)
+        if target == "latency" and not latency_batch_size:
+            raise ValueError("`target='latency'` times the model: `latency_batch_size` must be > 0, got 0.")
+        self.target, self.latency_budget_s, self.latency_threads = target, float(latency_budget_s), latency_threads
+        self._speed = SideBySide(latency_batch_size, self.latency_budget_s, latency_threads)
+        self._targeter: Targeter | None = None
         self.monitor = monitor
         self.verbose = verbose
         _check_guard(monitor, mode, max_drop, patience, on_violation)
@@ -130,7 +145,6 @@ class HalfPrune(Callback):
         self.reports: list[PruneReport] = []
         self._surgeon: Surgeon | None = None
         self._macs = MacCounter()
-        self._latency: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -148,6 +162,9 @@ class HalfPrune(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
+        if not self.history:  # the original architecture: after a resume it is gone
+            self._speed.keep_original(pl_module)
+            self._targeter = self._build_targeter(pl_module)
         self._catch_up(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -173,7 +190,8 @@ class HalfPrune(Callback):
             self._judge_watched_cut(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose)
+        speed = self._speed.against_original(pl_module, self._surgeon.example_input) if self.reports else None
+        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose, speed)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._surgeon is not None:
@@ -229,14 +247,21 @@ class HalfPrune(Callback):
         with _timed(timings, "measure"):
             before = self._stats(pl_module)
             metric_before = self._last_metric(trainer)
+        old = self._speed.before_cut(pl_module)
         with _timed(timings, "score"):
-            cuts = self._plan(trainer, pl_module, ratio)
+            cuts, aim = self._plan(trainer, pl_module, ratio)
         with _timed(timings, "cut"):
             self._surgeon.cut(cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
             rewrap_ddp(trainer.strategy)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
             metric_after_cut = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
+        with _timed(timings, "latency"):
+            speed = self._speed.compare(pl_module, old, self._surgeon.example_input)
+            del old  # the old architecture's tensors can go now
+            aim = self._reached(pl_module, aim, speed)
+        if speed is not None:
+            before.latency_ms, after.latency_ms = speed.old_ms, speed.new_ms
         self.history.append(
             {
                 "point": point,
@@ -258,6 +283,8 @@ class HalfPrune(Callback):
             monitor=self.monitor,
             metric_before=metric_before,
             metric_after_cut=metric_after_cut,
+            speed=speed,
+            aim=aim,
         )
         with _timed(timings, "log"):
             publish.event(trainer, report, len(self.reports), self.verbose)
@@ -332,6 +359,9 @@ class HalfPrune(Callback):
             "scoring_batches": self.scoring_batches,
             "regularization": self.regularization,
             "latency_batch_size": self.latency_batch_size,
+            "latency_budget_s": self.latency_budget_s,
+            "latency_threads": self.latency_threads,
+            "target": self.target,
             "monitor": self.monitor,
             "mode": self.mode,
             "max_drop": self.max_drop,
@@ -372,7 +402,7 @@ class HalfPrune(Callback):
             resolve_ignored(pl_module, self.ignored_layers),
             round_to=self.round_to,
             max_layer_ratio=self.max_layer_ratio,
-            global_pruning=self.global_pruning,
+            global_pruning=self.global_pruning or self.target != "channels",
             original_widths=self.original_widths or None,
         )
         self.original_widths = surgeon.original_widths
@@ -390,30 +420,44 @@ class HalfPrune(Callback):
         example = move_data_to_device(example, pl_module.device)
         return trainer.precision_plugin.convert_input(example)
 
-    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float) -> list[Cut]:
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float) -> tuple[list[Cut], Aim | None]:
         with undisturbed(pl_module):
             if needs_data(self.scorer):
                 loader = self.calibration_dataloader or trainer.train_dataloader
                 batches = take_batches(loader, self.scoring_batches, pl_module.device)
                 self.scorer.calibrate(pl_module, batches, training_loss(pl_module))
             try:
-                return self._surgeon.plan(ratio, agreed(trainer.strategy, self.scorer))
+                score = agreed(trainer.strategy, self.scorer)
+                if self._targeter is None:
+                    return self._surgeon.plan(ratio, score), None
+                return self._targeter.plan(ratio, score, lambda r: trainer.strategy.broadcast(r, src=0))
             finally:
                 getattr(self.scorer, "release", lambda: None)()
 
+    def _build_targeter(self, pl_module: pl.LightningModule) -> Targeter | None:
+        if self.target == "channels":
+            return None
+        example = self._surgeon.example_input
+
+        def count(kind: str) -> float:
+            return count_params(pl_module) if kind == "params" else self._macs(pl_module, example)
+
+        return Targeter(self.target, self._surgeon, count, lambda: self._speed.against_original(pl_module, example))
+
+    def _reached(self, pl_module: pl.LightningModule, aim: Aim | None, speed: Any) -> Aim | None:
+        """What the cut reached against its target; for latency timed side by side against the original."""
+        if aim is None:
+            return None
+        if aim.target == "latency":
+            speed = self._speed.against_original(pl_module, self._surgeon.example_input)
+        return self._targeter.reached(aim, speed)
+
     def _stats(self, pl_module: pl.LightningModule) -> ModelStats:
         example = self._surgeon.example_input
-        latency = None
-        if self.latency_batch_size:  # timed once per architecture: the next cut's "before" is this cut's "after"
-            key = architecture(pl_module)
-            if key not in self._latency:
-                self._latency = {key: measure_latency(pl_module, example, self.latency_batch_size)}
-            latency = self._latency[key]
         return ModelStats(
             params=count_params(pl_module),
             macs=self._macs(pl_module, example),
             widths=layer_widths(pl_module),
-            latency_ms=latency,
         )
 
 

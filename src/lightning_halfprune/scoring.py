@@ -215,8 +215,7 @@ class RedundancyScorer(_ChannelStatsScorer):
 
 
 class MagnitudeScorer(tp.importance.GroupMagnitudeImportance):
-    """torch-pruning's group magnitude (``sum |w| ** p`` per channel, reduced over the group and normalised), without
-    copying weights.
+    """torch-pruning's group magnitude (``sum |w| ** p`` per channel, reduced and normalised), without weight copies.
 
     ``GroupMagnitudeImportance`` indexes, transposes and flattens every weight of a group before taking norms,
     i.e. makes several full-size copies per layer; with large weights those allocations make one event cost grow
