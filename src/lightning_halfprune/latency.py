@@ -4,7 +4,9 @@ Two latencies taken at different moments on a shared machine are not comparable:
 So a speed-up is measured as a ratio, on the same model object, by swapping the old and the new architecture's
 tensors in and out (copy-free: torch-pruning never edits a tensor in place, so the old ones are still there) and
 timing them alternately, A/B/B/A..., until a time budget is spent. Each sample is the fastest of ``REPEATS``
-short blocks of forward passes, which filters out the moments the process was descheduled. The speed-up is the
+short blocks of forward passes. On one CPU thread (the default) the clock is the thread's CPU time, which does not
+run while other processes have the core: a loaded machine then neither inflates nor biases the ratio (wall-clock
+minima would: the longer the block, the likelier it is interrupted). The speed-up is the
 median of the per-pair ratios ``t_old / t_new``, with their interquartile range and a distribution-free 95%
 confidence interval of the median; when that interval straddles 1 or is wide compared with the median, the result
 is "not measurable here" rather than a number.
@@ -61,7 +63,8 @@ class SpeedUp:
 
     def label(self) -> str:
         """E.g. ``1.93x faster side by side (95% CI 1.88-1.97, IQR 1.81-2.04, 40 A/B pairs, 1 thread)``."""
-        where = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.device == "cpu" else self.device
+        where = "1 thread, CPU time" if self.threads == 1 else f"{self.threads} threads, wall clock"
+        where = where if self.device == "cpu" else self.device
         how = f"{self.pairs} A/B pairs, {where}"
         if self.ratio is None:
             return f"speed-up not measurable here: {self.reason} ({how})"
@@ -107,7 +110,7 @@ def compare(
         gc.disable()
         with graph_safe(model), torch.no_grad():
             model.eval()
-            timer = _cuda_timer if device.type == "cuda" else _cpu_timer
+            timer = _cuda_timer if device.type == "cuda" else _thread_timer if threads == 1 else _cpu_timer
 
             def run(state: _ModuleSnapshot, calls: int, repeats: int = REPEATS) -> float:
                 state.restore()
@@ -222,6 +225,13 @@ def _cpu_timer(fn: Callable[[], Any], calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) * 1000 / calls
+
+
+def _thread_timer(fn: Callable[[], Any], calls: int) -> float:
+    t0 = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - t0) * 1000 / calls
 
 
 def _cuda_timer(fn: Callable[[], Any], calls: int) -> float:  # pragma: no cover - needs a GPU
