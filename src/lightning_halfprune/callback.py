@@ -23,7 +23,7 @@ from lightning_halfprune import publish
 from lightning_halfprune.calibration import take_batches, training_loss, undisturbed
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
-from lightning_halfprune.latency import SideBySide
+from lightning_halfprune.latency import SideBySide, SpeedUp
 from lightning_halfprune.measure import MacCounter, count_params, evaluate_metric, layer_widths
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
@@ -132,6 +132,7 @@ class HalfPrune(Callback):
         self.target, self.latency_budget_s, self.latency_threads = target, float(latency_budget_s), latency_threads
         self._speed = SideBySide(latency_batch_size, self.latency_budget_s, latency_threads)
         self._targeter: Targeter | None = None
+        self.final_speed: SpeedUp | None = None
         self.monitor = monitor
         self.verbose = verbose
         _check_guard(monitor, mode, max_drop, patience, on_violation)
@@ -190,8 +191,9 @@ class HalfPrune(Callback):
             self._judge_watched_cut(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        speed = self._speed.against_original(pl_module, self._surgeon.example_input) if self.reports else None
-        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose, speed)
+        if self.reports:  # the original architecture against the final one, side by side
+            self.final_speed = self._speed.against_original(pl_module, self._surgeon.example_input)
+        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose, self.final_speed)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._surgeon is not None:
