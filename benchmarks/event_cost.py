@@ -1,6 +1,7 @@
 """What one prune event costs next to one training epoch, and how much memory the optimizer carry-over copies.
 
-    python benchmarks/event_cost.py
+    python benchmarks/event_cost.py            # one event next to one training epoch
+    python benchmarks/event_cost.py --sweep    # event cost at 1.8M / 7M / 25M params and its log-log slope
 
 The CNN is the MNIST-1D 1-D CNN at 56 channels per conv (30.7k parameters) trained with AdamW; the event cuts it to
 half its channels at the end of epoch 1 (the second epoch), with latency measurement at batch 64 and the monitored
@@ -9,6 +10,8 @@ validation metric re-evaluated right after the cut (the defaults a user gets wit
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 import warnings
 
@@ -55,5 +58,55 @@ def main() -> None:
         )
 
 
+def sweep(widths: tuple[int, ...] = (256, 512, 960)) -> None:
+    """One event (l2 scores, cut, optimizer carry-over, counting) against model size, and the log-log slope."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class ConvNet(pl.LightningModule):  # the same net as the sweep in benchmarks/run.py
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            layers, c = [], 3
+            for _ in range(4):
+                layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+                c = width
+            self.features, self.head = nn.Sequential(*layers), nn.Linear(width, 10)
+            self.example_input_array = torch.zeros(1, 3, 8, 8)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean((2, 3)))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)  # on a machine shared by other jobs, two threads mostly wait for each other
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))), batch_size=8)
+    print("| width | params | event s (median of 3) | score s | cut s | measure s | s per M params |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    points = []
+    for width in widths:
+        reports = []
+        for _ in range(3):
+            prune = HalfPrune({0: 0.5}, latency_batch_size=0, verbose=False)
+            quiet_trainer(1, [prune]).fit(ConvNet(width), data)
+            reports.append(prune.reports[0])
+        r = sorted(reports, key=lambda x: x.seconds)[1]
+        points.append((r.before.params, r.seconds))
+        t = r.timings
+        print(
+            f"| {width} | {r.before.params:,} | {r.seconds:.3f} | {t['score']:.3f} | {t['cut']:.3f} "
+            f"| {t['measure']:.3f} | {r.seconds / (r.before.params / 1e6):.3f} |"
+        )
+    xs, ys = [math.log(p) for p, _ in points], [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    print(f"\nleast-squares log-log slope of event seconds over params: {slope:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    sweep() if "--sweep" in sys.argv else main()
