@@ -44,6 +44,7 @@ def test_params_target_and_max_layer_ratio_still_caps_every_layer(tmp_path):
     widths = prune._surgeon.widths
     assert all(w >= prune.original_widths[name] * 0.5 for name, w in widths.items())
     assert count_params(model) / original == pytest.approx(prune.reports[0].aim.reached)
+    assert prune.state_dict()["original_counts"]["params"] == original  # a resumed fit keeps aiming at the same
 
 
 def test_latency_target_reaches_2x_on_the_mnist1d_model_or_says_how_far(tmp_path):

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
@@ -133,6 +133,7 @@ class HalfPrune(Callback):
         self._speed = SideBySide(latency_batch_size, self.latency_budget_s, latency_threads)
         self._targeter: Targeter | None = None
         self.final_speed: SpeedUp | None = None
+        self._original_counts: dict[str, float] = {}  # params and MACs at fit start, kept across a resume
         self.monitor = monitor
         self.verbose = verbose
         _check_guard(monitor, mode, max_drop, patience, on_violation)
@@ -165,7 +166,7 @@ class HalfPrune(Callback):
         self._surgeon = self._build_surgeon(trainer, pl_module)
         if not self.history:  # the original architecture: after a resume it is gone
             self._speed.keep_original(pl_module)
-            self._targeter = self._build_targeter(pl_module)
+        self._targeter = self._build_targeter(pl_module)
         self._catch_up(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -207,6 +208,7 @@ class HalfPrune(Callback):
             "skipped": self.skipped,
             "retries": self.retries,
             "stopped": self.stopped,
+            "original_counts": self._targeter.original if self._targeter is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -215,6 +217,7 @@ class HalfPrune(Callback):
         self.skipped = list(state_dict.get("skipped", []))
         self.retries = {int(k): float(v) for k, v in state_dict.get("retries", {}).items()}
         self.stopped = bool(state_dict.get("stopped", False))
+        self._original_counts = dict(state_dict.get("original_counts", {}))
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -444,7 +447,15 @@ class HalfPrune(Callback):
         def count(kind: str) -> float:
             return count_params(pl_module) if kind == "params" else self._macs(pl_module, example)
 
-        return Targeter(self.target, self._surgeon, count, lambda: self._speed.against_original(pl_module, example))
+        target = self.target
+        if target == "latency" and self._speed.original is None:
+            rank_zero_warn(
+                "HalfPrune resumed without the original architecture to time against: `target='latency'` "
+                "falls back to the same reduction of MACs for the remaining cuts."
+            )
+            target = "macs"
+        speedup = lambda: self._speed.against_original(pl_module, example)  # noqa: E731
+        return Targeter(target, self._surgeon, count, speedup, self._original_counts or None)
 
     def _reached(self, pl_module: pl.LightningModule, aim: Aim | None, speed: Any) -> Aim | None:
         """What the cut reached against its target; for latency timed side by side against the original."""

@@ -141,6 +141,7 @@ class Targeter:
         surgeon: the model's surgeon (built with global ranking).
         count: ``count(kind)`` -> the model's current params or MACs per sample.
         speedup: times the model as it is against the original architecture (for ``"latency"``).
+        original: params and MACs of the original model (restored after a resume); default: counted now.
     """
 
     def __init__(
@@ -149,9 +150,10 @@ class Targeter:
         surgeon: Surgeon,
         count: Callable[[str], float],
         speedup: Callable[[], SpeedUp | None],
+        original: dict[str, float] | None = None,
     ) -> None:
         self.target, self.surgeon, self.count, self.speedup = target, surgeon, count, speedup
-        self.original = {kind: float(count(kind)) for kind in ("params", "macs")}
+        self.original = dict(original) if original else {kind: float(count(kind)) for kind in ("params", "macs")}
 
     def fraction(self, kind: str) -> float:
         """What remains of the original ``kind`` (params or MACs) in the model as it is."""
