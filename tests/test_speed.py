@@ -69,7 +69,11 @@ def test_speedup_under_load_stays_above_one_and_covers_the_quiet_figure():
 
 
 def test_same_architecture_is_not_measurable_and_logs_no_number():
-    model, _, x = _pruned_to_a_quarter_of_the_macs()
+    model, old, x = _pruned_to_a_quarter_of_the_macs()
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    compare(model, old, x, batch_size=16, budget_s=0.2)
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched
     same = compare(model, _ModuleSnapshot(model), x, batch_size=16, budget_s=0.3)
     assert same.ratio is None and same.scalars("s") == {"s_measurable": 0.0}
     assert same.label().startswith("speed-up not measurable here")

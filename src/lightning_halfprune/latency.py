@@ -113,7 +113,8 @@ def compare(
             timer = _cuda_timer if device.type == "cuda" else _thread_timer if threads == 1 else _cpu_timer
 
             def run(state: _ModuleSnapshot, calls: int, repeats: int = REPEATS) -> float:
-                state.restore()
+                state.restore()  # also restores the train/eval flags of that moment: eval again
+                model.eval()
                 return min(timer(lambda: run_model(model, x), calls) for _ in range(repeats))
 
             for state in (old, new):  # warm-up: allocator, caches, lazy kernels
