@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import quiet_trainer
+from common import quiet_trainer, sweep_net
 
 from lightning_halfprune import HalfPrune
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
@@ -79,28 +79,7 @@ class CPUClock(pl.Callback):
 
 def sweep(widths: tuple[int, ...] = (256, 512, 960), scorer: Any = "l2") -> None:
     """One event (l2 scores, cut, optimizer carry-over, counting) against model size, and the log-log slope."""
-    import torch.nn.functional as F
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-
-    class ConvNet(pl.LightningModule):  # the same net as the sweep in benchmarks/run.py
-        def __init__(self, width: int) -> None:
-            super().__init__()
-            layers, c = [], 3
-            for _ in range(4):
-                layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-                c = width
-            self.features, self.head = nn.Sequential(*layers), nn.Linear(width, 10)
-            self.example_input_array = torch.zeros(1, 3, 8, 8)
-
-        def forward(self, x):
-            return self.head(self.features(x).mean((2, 3)))
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # on a machine shared by other jobs, two threads mostly wait for each other
@@ -115,7 +94,7 @@ def sweep(widths: tuple[int, ...] = (256, 512, 960), scorer: Any = "l2") -> None
         reports, cpu = [], []
         for _ in range(3):
             prune, clock = HalfPrune({0: 0.5}, scorer=scorer, latency_batch_size=0, verbose=False), {}
-            quiet_trainer(1, [CPUClock("start", clock), prune, CPUClock("stop", clock)]).fit(ConvNet(width), data)
+            quiet_trainer(1, [CPUClock("start", clock), prune, CPUClock("stop", clock)]).fit(sweep_net(width), data)
             reports.append(prune.reports[0])
             cpu.append(clock["cpu"])
         r = sorted(reports, key=lambda x: x.seconds)[1]
