@@ -3,6 +3,7 @@
     python benchmarks/speed.py            # all rows (~20 min on a loaded 2-core machine)
     python benchmarks/speed.py --quick    # MNIST-1D rows only
     python benchmarks/speed.py --fashion  # Fashion-MNIST rows only
+    python benchmarks/speed.py --quick --macs   # one MNIST-1D row (also --channels, --latency)
 
 Every speed-up is HalfPrune's own end-of-fit figure: the original architecture timed against the final one in one
 interleaved A/B run (1 thread, CPU time, batch 64), median of per-pair ratios with its 95% CI. Fashion-MNIST is
@@ -138,7 +139,8 @@ def main() -> None:
     )
     print("|---|---|---|---:|---:|---:|---|---:|---:|")
     mnist1d = Schedule.cubic(start=4, end=10, ratio=0.5, every=2)
-    for target in ("channels", "macs", "latency") if "--fashion" not in sys.argv else ():
+    only = [t for t in ("channels", "macs", "latency") if f"--{t}" in sys.argv]  # e.g. --macs: that row only
+    for target in (only or ("channels", "macs", "latency")) if "--fashion" not in sys.argv else ():
         print(run("mnist1d", target, 20, mnist1d), flush=True)
     if "--quick" in sys.argv:
         return
