@@ -33,7 +33,7 @@ MAX_PAIRS = 400
 MAX_SPREAD = 0.5  # width of the median's 95% CI / median above which a speed-up is not reported
 REPEATS = 5  # blocks per sample; the fastest counts
 BLOCK_S = 0.002  # seconds of forward passes per block
-HARD_STOP = 3.0  # a comparison ends after this many budgets even with fewer than MIN_PAIRS pairs
+HARD_STOP = 10.0  # wall-clock seconds per budget second after which a comparison ends, measurable or not
 
 
 @dataclass
@@ -94,7 +94,8 @@ def compare(
 
     The model is left exactly as it was (its current tensors and train/eval mode). ``threads`` fixes
     ``torch.set_num_threads`` during timing (restored afterwards; None: the current setting). The comparison
-    stops once ``budget_s`` is spent and ``MIN_PAIRS`` pairs are timed, and after ``HARD_STOP`` budgets anyway.
+    stops once ``budget_s`` of timing is spent (on one CPU thread: its CPU time, so a loaded machine still gets
+    its pairs) and ``MIN_PAIRS`` pairs are timed, and after ``HARD_STOP * budget_s`` wall-clock seconds anyway.
     """
     new = _ModuleSnapshot(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -105,6 +106,8 @@ def compare(
     gc_was_enabled = gc.isenabled()
     times: list[tuple[float, float]] = []
     start = time.perf_counter()
+    clock = time.thread_time if device.type == "cpu" and threads == 1 else time.perf_counter
+    spent = clock()
     try:
         torch.set_num_threads(threads)
         gc.disable()
@@ -120,7 +123,9 @@ def compare(
             for state in (old, new):  # warm-up: allocator, caches, lazy kernels
                 run(state, 1, 2)
             calls = _calls_per_block(min(run(old, 1, 1), run(new, 1, 1)) / 1000)
-            while len(times) < MAX_PAIRS and _time_left(len(times), time.perf_counter() - start, budget_s):
+            while len(times) < MAX_PAIRS and _time_left(
+                len(times), clock() - spent, time.perf_counter() - start, budget_s
+            ):
                 if len(times) % 2 == 0:  # A/B then B/A: a drift in load hits both sides alike
                     a = run(old, calls)
                     b = run(new, calls)
@@ -169,8 +174,8 @@ def verdict(times: list[tuple[float, float]], threads: int, batch_size: int, dev
     )
 
 
-def _time_left(pairs: int, elapsed: float, budget_s: float) -> bool:
-    return elapsed < (budget_s if pairs >= MIN_PAIRS else HARD_STOP * budget_s)
+def _time_left(pairs: int, spent: float, wall: float, budget_s: float) -> bool:
+    return wall < HARD_STOP * budget_s and (spent < budget_s or pairs < MIN_PAIRS)
 
 
 def _median_interval(ratios: list[float]) -> tuple[float, float]:
