@@ -99,7 +99,7 @@ def test_fit_reports_side_by_side_speedups_per_event_and_for_the_whole_fit(tmp_p
     scalars = report.scalars()
     assert "halfprune/speedup_measurable" in scalars and not any(math.isnan(v) for v in scalars.values())
     assert prune.reports[0].timings["latency"] > 0
-    assert "side by side" in report.to_console() and "A/B pairs, 1 thread, CPU time" in report.to_console()
+    assert "A/B pairs, 1 thread, CPU time" in report.to_console()  # a speed-up, or "not measurable here"
     final = prune.final_speed  # the original architecture against the final one
     assert final is not None and final.batch_size == 64 and final.pairs >= 6
     assert final.ratio is None or final.ratio > 1
