@@ -3,6 +3,7 @@
     python benchmarks/speed.py            # all rows (~20 min on a loaded 2-core machine)
     python benchmarks/speed.py --quick    # MNIST-1D rows only
     python benchmarks/speed.py --fashion  # Fashion-MNIST rows only
+    python benchmarks/speed.py --fashion --short   # one Fashion-MNIST row (macs 0.5), 2 epochs on 6k images
     python benchmarks/speed.py --quick --macs   # one MNIST-1D row (also --channels, --latency)
 
 Every speed-up is HalfPrune's own end-of-fit figure: the original architecture timed against the final one in one
@@ -43,8 +44,11 @@ def _idx(name: str) -> np.ndarray:
 
 
 class FashionData(pl.LightningDataModule):
-    def __init__(self, train: int = 12000, test: int = 2000) -> None:
+    TRAIN = 12000
+
+    def __init__(self, test: int = 2000) -> None:
         super().__init__()
+        train = self.TRAIN
         x = torch.tensor(_idx("train-images-idx3-ubyte.gz")[:train], dtype=torch.float32).unsqueeze(1) / 255
         y = torch.tensor(_idx("train-labels-idx1-ubyte.gz")[:train], dtype=torch.long)
         xt = torch.tensor(_idx("t10k-images-idx3-ubyte.gz")[:test], dtype=torch.float32).unsqueeze(1) / 255
@@ -143,6 +147,10 @@ def main() -> None:
     for target in (only or ("channels", "macs", "latency")) if "--fashion" not in sys.argv else ():
         print(run("mnist1d", target, 20, mnist1d), flush=True)
     if "--quick" in sys.argv:
+        return
+    if "--short" in sys.argv:  # one row, 2 epochs on 6k images: when the machine is very busy
+        FashionData.TRAIN = 6000
+        print(run("fashion", "macs", 2, Schedule({0: 0.25, 1: 0.5})), flush=True)
         return
     fashion = Schedule.cubic(start=1, end=3, ratio=0.5, every=1)
     for target in ("channels", "macs", "latency"):
