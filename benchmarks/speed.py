@@ -136,7 +136,7 @@ def run(task: str, target: str, epochs: int, schedule: Schedule) -> str:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # training too: on a busy shared machine two threads mostly wait for each other
     print(
         "| task | target | aimed -> reached | params | MACs | latency ms @64 (same run) "
         "| final speed-up, side by side | test acc | wall s |"
