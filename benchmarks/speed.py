@@ -3,7 +3,7 @@
     python benchmarks/speed.py            # all rows (~20 min on a loaded 2-core machine)
     python benchmarks/speed.py --quick    # MNIST-1D rows only
     python benchmarks/speed.py --fashion  # Fashion-MNIST rows only
-    python benchmarks/speed.py --fashion --short   # one Fashion-MNIST row (macs 0.5), 2 epochs on 6k images
+    python benchmarks/speed.py --fashion --short   # one Fashion-MNIST row (macs 0.5), 4 epochs on 6k images
     python benchmarks/speed.py --quick --macs   # one MNIST-1D row (also --channels, --latency)
 
 Every speed-up is HalfPrune's own end-of-fit figure: the original architecture timed against the final one in one
@@ -148,9 +148,9 @@ def main() -> None:
         print(run("mnist1d", target, 20, mnist1d), flush=True)
     if "--quick" in sys.argv:
         return
-    if "--short" in sys.argv:  # one row, 2 epochs on 6k images: when the machine is very busy
+    if "--short" in sys.argv:  # one row, 4 epochs on 6k images: when the machine is very busy
         FashionData.TRAIN = 6000
-        print(run("fashion", "macs", 2, Schedule({0: 0.25, 1: 0.5})), flush=True)
+        print(run("fashion", "macs", 4, Schedule({0: 0.25, 1: 0.5})), flush=True)
         return
     fashion = Schedule.cubic(start=1, end=3, ratio=0.5, every=1)
     for target in ("channels", "macs", "latency"):
