@@ -124,6 +124,35 @@ def quiet_trainer(max_epochs: int, callbacks: list, **kwargs):
     )
 
 
+def sweep_net(width: int):
+    """The event-cost sweep's model: 4 conv layers of ``width`` channels on 8x8 inputs, SGD with momentum."""
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ConvNet(pl.LightningModule):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            layers, c = [], 3
+            for _ in range(4):
+                layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+                c = width
+            self.features, self.head = nn.Sequential(*layers), nn.Linear(width, 10)
+            self.example_input_array = torch.zeros(1, 3, 8, 8)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean((2, 3)))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    return ConvNet(width)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

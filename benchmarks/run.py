@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BATCH, THREADS, mean_std, median, quiet_trainer, run_variant  # noqa: E402
+from common import BATCH, THREADS, mean_std, median, quiet_trainer, run_variant, sweep_net  # noqa: E402
 
 from lightning_halfprune import SCORERS  # noqa: E402
 
@@ -67,31 +67,9 @@ def table(seeds: list[int], epochs: int, quick: bool) -> tuple[list[str], dict]:
 
 def sweep(widths: list[int]) -> tuple[list[str], list[tuple[int, float]]]:
     """Time of one prune event (l2 scores, cut, optimizer carry-over, measuring) against model size."""
-    import lightning.pytorch as pl
-    import torch.nn.functional as F
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_halfprune import HalfPrune
-
-    class ConvNet(pl.LightningModule):
-        def __init__(self, width: int) -> None:
-            super().__init__()
-            layers, c = [], 3
-            for _ in range(4):
-                layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-                c = width
-            self.features, self.head = nn.Sequential(*layers), nn.Linear(width, 10)
-            self.example_input_array = torch.zeros(1, 3, 8, 8)
-
-        def forward(self, x):
-            return self.head(self.features(x).mean((2, 3)))
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
     data = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))), batch_size=8)
     lines = [
@@ -102,7 +80,7 @@ def sweep(widths: list[int]) -> tuple[list[str], list[tuple[int, float]]]:
     for width in widths:
         reports = []
         for _ in range(3):  # the median of 3 events: single timings of the big models are noisy
-            model = ConvNet(width)
+            model = sweep_net(width)
             prune = HalfPrune({0: 0.5}, latency_batch_size=0, verbose=False)
             quiet_trainer(1, [prune]).fit(model, data)
             reports.append(prune.reports[0])

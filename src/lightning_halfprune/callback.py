@@ -26,13 +26,8 @@ from lightning_halfprune.calibration import fed_input, model_input, take_batches
 from lightning_halfprune.distill import Distiller
 from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
-from lightning_halfprune.measure import (
-    MacCounter,
-    architecture,
-    count_params,
-    layer_widths,
-    measure_latency,
-)
+from lightning_halfprune.latency import SideBySide, SpeedUp
+from lightning_halfprune.measure import MacCounter, count_params, layer_widths
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -40,6 +35,7 @@ from lightning_halfprune.rewind import LRRewinder
 from lightning_halfprune.schedule import Schedule
 from lightning_halfprune.scoring import Scorer, get_scorer, needs_data
 from lightning_halfprune.surgery import Cut, Surgeon, resolve_ignored
+from lightning_halfprune.target import Aim, Target, Targeter, check_target
 
 
 class HalfPrune(Callback):
@@ -70,8 +66,15 @@ class HalfPrune(Callback):
             epoch ``regularize_from`` until the last prune point (group lasso; L1 on BatchNorm scales with
             ``scorer="bn_scale"``). 0 turns it off.
         regularize_from: the epoch the penalty starts.
-        latency_batch_size: batch size at which inference latency is measured before and after each event;
-            0 turns latency measurement off.
+        latency_batch_size: batch size at which each cut's speed-up is measured, old and new architecture timed
+            side by side (interleaved); also the original against the final one after fit. 0 turns timing off.
+        latency_budget_s: seconds each side-by-side comparison may take (at least 6 A/B pairs are timed).
+        latency_threads: ``torch.set_num_threads`` while timing (restored after); None: the setting at fit start.
+            One thread by default: on a shared machine multi-threaded timings mostly measure the scheduler.
+        target: what a schedule value reduces: ``"channels"`` (fraction of channels removed), ``"params"``,
+            ``"macs"`` (0.5: half the original parameters / MACs per sample) or ``"latency"`` (0.5: half the
+            original inference time, i.e. 2x faster, timed side by side). Other than ``"channels"``, channels are
+            ranked globally (scores normalised per group) and the channel count is searched to meet the target.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
             it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
             With several validation dataloaders: Lightning's name (``"val_acc/dataloader_idx_1"``), or the plain
@@ -123,6 +126,9 @@ class HalfPrune(Callback):
         regularization: float = 0.0,
         regularize_from: int = 0,
         latency_batch_size: int = 64,
+        latency_budget_s: float = 1.0,
+        latency_threads: Optional[int] = 1,
+        target: Target = "channels",
         monitor: Optional[str] = None,
         mode: Literal["max", "min"] = "max",
         max_drop: Optional[float] = None,
@@ -165,6 +171,18 @@ class HalfPrune(Callback):
         _check_int("regularize_from", regularize_from, minimum=0)
         self.regularization, self.regularize_from = float(regularization), regularize_from
         self.latency_batch_size = latency_batch_size
+        _check_int("latency_threads", latency_threads, minimum=1, optional=True)
+        budget = latency_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise ValueError(f"`latency_budget_s` must be a number > 0, got {latency_budget_s!r}.")
+        check_target(target)
+        if target == "latency" and not latency_batch_size:
+            raise ValueError("`target='latency'` times the model: `latency_batch_size` must be > 0, got 0.")
+        self.target, self.latency_budget_s, self.latency_threads = target, float(latency_budget_s), latency_threads
+        self._speed = SideBySide(latency_batch_size, self.latency_budget_s, latency_threads)
+        self._targeter: Targeter | None = None
+        self.final_speed: SpeedUp | None = None
+        self._original_counts: dict[str, float] = {}  # params and MACs at fit start, kept across a resume
         self.monitor = monitor
         self.verbose = verbose
         self.reset_best_on_cut = bool(reset_best_on_cut)
@@ -180,7 +198,6 @@ class HalfPrune(Callback):
         self.reports: list[PruneReport] = []
         self._surgeon: Surgeon | None = None
         self._macs = MacCounter()
-        self._latency: dict[tuple, float] = {}
         self._monitor_checked = False
         self._averages = averaging.AveragedCopies()
         self.compiles = compiled.CompileCounter()  # torch.compile: compilations before the first cut, after each cut
@@ -216,6 +233,9 @@ class HalfPrune(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
+        if not self.history:  # the original architecture: after a resume it is gone
+            self._speed.keep_original(pl_module)
+        self._targeter = self._build_targeter(pl_module)
         self._catch_up(trainer, pl_module)
         if self._distiller is not None and self.history and self._last_point_passed(trainer):
             rank_zero_warn("HalfPrune resumed after the last cut: the teacher is not in checkpoints, no distillation.")
@@ -254,7 +274,10 @@ class HalfPrune(Callback):
             self._judge_watched_cut(trainer, pl_module, final=True)  # a cut in the last epoch is judged too
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose)
+        if self.reports:  # the original architecture against the final one, side by side, both uncompiled
+            with compiled.eager():
+                self.final_speed = self._speed.against_original(pl_module, self._surgeon.example_input)
+        publish.fit_summary(trainer, self.reports, self._last_metric(trainer), self.verbose, self.final_speed)
         self.compiles.stop()
         if compiled.is_compiled(pl_module):
             publish.compiles(trainer, self.compiles.counts, self.verbose)
@@ -275,6 +298,7 @@ class HalfPrune(Callback):
             "retries": self.retries,
             "stopped": self.stopped,
             "cap": self.cap,
+            "original_counts": self._targeter.original if self._targeter is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -284,6 +308,7 @@ class HalfPrune(Callback):
         self.retries = {int(k): float(v) for k, v in state_dict.get("retries", {}).items()}
         self.stopped = bool(state_dict.get("stopped", False))
         self.cap = state_dict.get("cap")
+        self._original_counts = dict(state_dict.get("original_counts", {}))
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,8 +359,9 @@ class HalfPrune(Callback):
         with _timed(timings, "measure"):
             before = self._stats(pl_module)
             metric_before = self._last_metric(trainer)
+        old = self._speed.before_cut(pl_module)
         with _timed(timings, "score"):
-            cuts = self._plan(trainer, pl_module, ratio)
+            cuts, aim = self._plan(trainer, pl_module, ratio)
         if not cuts:
             rank_zero_warn(
                 f"HalfPrune removes no channel at ratio {ratio:.3g} (every layer is already at that width, at its "
@@ -355,6 +381,12 @@ class HalfPrune(Callback):
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
             metric_after_cut = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
+        with _timed(timings, "latency"):
+            speed = self._speed.compare(pl_module, old, self._surgeon.example_input)
+            del old  # the old architecture's tensors can go now
+            aim = self._reached(pl_module, aim, speed)
+        if speed is not None:
+            before.latency_ms, after.latency_ms = speed.old_ms, speed.new_ms
         self.history.append(
             {
                 "point": point,
@@ -377,6 +409,8 @@ class HalfPrune(Callback):
             metric_before=metric_before,
             metric_after_cut=metric_after_cut,
             teacher_bytes=self._distiller.teacher_bytes if self._distiller is not None else None,
+            speed=speed,
+            aim=aim,
         )
         with _timed(timings, "log"):
             publish.event(trainer, report, len(self.reports), self.verbose)
@@ -474,6 +508,9 @@ class HalfPrune(Callback):
             "scoring_batches": self.scoring_batches,
             "regularization": self.regularization,
             "latency_batch_size": self.latency_batch_size,
+            "latency_budget_s": self.latency_budget_s,
+            "latency_threads": self.latency_threads,
+            "target": self.target,
             "monitor": self.monitor,
             "mode": self.mode,
             "max_drop": self.max_drop,
@@ -545,7 +582,7 @@ class HalfPrune(Callback):
             resolve_ignored(pl_module, self.ignored_layers),
             round_to=self.round_to,
             max_layer_ratio=self.max_layer_ratio,
-            global_pruning=self.global_pruning,
+            global_pruning=self.global_pruning or self.target != "channels",
             original_widths=self.original_widths or None,
             attention=self.attention,
             prune_hidden_size=self.prune_hidden_size,
@@ -568,7 +605,7 @@ class HalfPrune(Callback):
         example = move_data_to_device(example, pl_module.device)
         return trainer.precision_plugin.convert_input(example)
 
-    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float) -> list[Cut]:
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float) -> tuple[list[Cut], Aim | None]:
         with undisturbed(pl_module):
             if needs_data(self.scorer):
                 loader = self.calibration_dataloader or trainer.train_dataloader
@@ -577,23 +614,45 @@ class HalfPrune(Callback):
                     self.scorer.inputs_of = lambda batch: model_input(pl_module, batch, self.input_fn)
                 self.scorer.calibrate(pl_module, batches, training_loss(pl_module))
             try:
-                return self._surgeon.plan(ratio, agreed(trainer.strategy, self.scorer))
+                score = agreed(trainer.strategy, self.scorer)
+                if self._targeter is None:
+                    return self._surgeon.plan(ratio, score), None
+                return self._targeter.plan(ratio, score, lambda r: trainer.strategy.broadcast(r, src=0))
             finally:
                 getattr(self.scorer, "release", lambda: None)()
 
+    def _build_targeter(self, pl_module: pl.LightningModule) -> Targeter | None:
+        if self.target == "channels":
+            return None
+        example = self._surgeon.example_input
+
+        def count(kind: str) -> float:
+            return count_params(pl_module) if kind == "params" else self._macs(pl_module, example)
+
+        target = self.target
+        if target == "latency" and self._speed.original is None:
+            rank_zero_warn(
+                "HalfPrune resumed without the original architecture to time against: `target='latency'` "
+                "falls back to the same reduction of MACs for the remaining cuts."
+            )
+            target = "macs"
+        speedup = lambda: self._speed.against_original(pl_module, example)  # noqa: E731
+        return Targeter(target, self._surgeon, count, speedup, self._original_counts or None)
+
+    def _reached(self, pl_module: pl.LightningModule, aim: Aim | None, speed: Any) -> Aim | None:
+        """What the cut reached against its target; for latency timed side by side against the original."""
+        if aim is None:
+            return None
+        if aim.target == "latency":
+            speed = self._speed.against_original(pl_module, self._surgeon.example_input)
+        return self._targeter.reached(aim, speed)
+
     def _stats(self, pl_module: pl.LightningModule) -> ModelStats:
         example = self._surgeon.example_input
-        latency = None
-        if self.latency_batch_size:  # timed once per architecture: the next cut's "before" is this cut's "after"
-            key = architecture(pl_module)
-            if key not in self._latency:
-                self._latency = {key: measure_latency(pl_module, example, self.latency_batch_size)}
-            latency = self._latency[key]
         return ModelStats(
             params=count_params(pl_module),
             macs=self._macs(pl_module, example),
             widths=layer_widths(pl_module),
-            latency_ms=latency,
         )
 
 

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_halfprune.latency import SpeedUp
 from lightning_halfprune.report import PruneReport, final_summary, summary_table
 
 
@@ -37,15 +38,24 @@ def scalars(trainer: pl.Trainer, values: dict[str, float]) -> None:
         _safely(logger, logger.log_metrics, values, step=trainer.global_step)
 
 
-def fit_summary(trainer: pl.Trainer, reports: Sequence[PruneReport], final_metric: float | None, verbose: bool) -> None:
-    """After fit: the summary table on the console and the final figures in the W&B run summary."""
+def fit_summary(
+    trainer: pl.Trainer,
+    reports: Sequence[PruneReport],
+    final_metric: float | None,
+    verbose: bool,
+    speed: SpeedUp | None = None,
+) -> None:
+    """After fit: the summary table on the console and the final figures in the W&B run summary.
+
+    ``speed``: the final architecture timed side by side against the original one.
+    """
     if not reports:
         return
     if verbose:
-        rank_zero_info(summary_table(list(reports), final_metric))
+        rank_zero_info(summary_table(list(reports), final_metric, speed))
     if trainer.is_global_zero:
         for logger in _wandb(trainer):
-            _safely(logger, _wandb_summary, logger, final_summary(list(reports), final_metric))
+            _safely(logger, _wandb_summary, logger, final_summary(list(reports), final_metric, speed))
 
 
 def compiles(trainer: pl.Trainer, counts: Sequence[int], verbose: bool) -> None:

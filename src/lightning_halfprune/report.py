@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_halfprune.latency import SpeedUp
+    from lightning_halfprune.target import Aim
 
 
 @dataclass
@@ -39,6 +43,8 @@ class PruneReport:
     latency_batch_size: int | None = None
     rolled_back: bool = False
     teacher_bytes: int | None = None  # memory of the distillation teacher held after this event
+    speed: SpeedUp | None = None  # the new architecture timed side by side against the old one
+    aim: Aim | None = None  # target (params, MACs, latency) aimed at and reached, when not pruning by channels
 
     @property
     def params_ratio(self) -> float:
@@ -50,9 +56,8 @@ class PruneReport:
 
     @property
     def speedup(self) -> float | None:
-        if self.before.latency_ms and self.after.latency_ms:
-            return self.before.latency_ms / self.after.latency_ms
-        return None
+        """The side-by-side speed-up of this cut; None when not timed or not measurable."""
+        return self.speed.ratio if self.speed is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +74,6 @@ class PruneReport:
             "macs_ratio": self.macs_ratio,
             "latency_ms_before": self.before.latency_ms,
             "latency_ms_after": self.after.latency_ms,
-            "speedup": self.speedup,
             "event_seconds": self.seconds,
             "metric_before": self.metric_before,
             "metric_after_cut": self.metric_after_cut,
@@ -77,6 +81,9 @@ class PruneReport:
             "teacher_bytes": self.teacher_bytes,
         }
         values |= {f"time_{k}_s": v for k, v in self.timings.items()}
+        values |= self.speed.scalars("speedup") if self.speed is not None else {}
+        if self.aim is not None:
+            values |= {"target_goal": self.aim.goal, "target_reached": self.aim.reached}
         return {prefix + k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
 
     def summary_line(self) -> str:
@@ -92,14 +99,10 @@ class PruneReport:
             ("params", _si(self.before.params), _si(self.after.params)),
             ("MACs / sample", _si(self.before.macs), _si(self.after.macs)),
         ]
-        if self.speedup is not None:
-            rows.append(
-                (
-                    f"latency ms (batch {self.latency_batch_size})",
-                    f"{self.before.latency_ms:.3f}",
-                    f"{self.after.latency_ms:.3f}",
-                )
-            )
+        if self.speed is not None:
+            rows += _speed_rows(self.speed)
+        if self.aim is not None:
+            rows.append(_aim_row(self.aim))
         if self.monitor:
             rows.append(
                 (f"{self.monitor} (right after the cut)", _num(self.metric_before), _num(self.metric_after_cut))
@@ -144,24 +147,39 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def summary_table(reports: list[PruneReport], final_metric: float | None = None) -> str:
-    """The console table after fit: the model before the first cut against the model after fit, then each event."""
+def _speed_rows(speed: SpeedUp) -> list[tuple[str, str, str]]:
+    return [
+        (f"latency ms (batch {speed.batch_size})", f"{speed.old_ms:.3f}", f"{speed.new_ms:.3f}"),
+        ("speed-up", "", speed.label()),
+    ]
+
+
+def _aim_row(aim: Aim) -> tuple[str, str, str]:
+    if aim.target == "latency":
+        reached = "not measurable" if aim.reached is None else f"{1 / aim.reached:.2f}x faster"
+        return ("target: latency", f"{1 / aim.goal:.2f}x faster", reached)
+    return (f"target: {aim.target} of original", f"{aim.goal:.1%}", f"{aim.reached:.1%}")
+
+
+def summary_table(
+    reports: list[PruneReport], final_metric: float | None = None, speed: SpeedUp | None = None
+) -> str:
+    """The console table after fit: the model before the first cut against the model after fit, then each event.
+
+    ``speed``: the final architecture timed side by side against the original one.
+    """
     first, last = reports[0], reports[-1]
     metric = final_metric if final_metric is not None else last.metric_recovered
     rows = [
         ("params", _si(first.before.params), _si(last.after.params), _percent(last.after.params, first.before.params)),
         ("MACs / sample", _si(first.before.macs), _si(last.after.macs), _percent(last.after.macs, first.before.macs)),
     ]
-    if first.before.latency_ms and last.after.latency_ms:
-        speedup = first.before.latency_ms / last.after.latency_ms
-        rows.append(
-            (
-                f"latency ms (batch {first.latency_batch_size})",
-                f"{first.before.latency_ms:.3f}",
-                f"{last.after.latency_ms:.3f}",
-                f"{speedup:.2f}x faster",
-            )
-        )
+    if speed is not None:
+        latency = f"latency ms (batch {speed.batch_size})"
+        rows.append((latency, f"{speed.old_ms:.3f}", f"{speed.new_ms:.3f}", speed.label()))
+    if last.aim is not None:
+        name, goal, reached = _aim_row(last.aim)
+        rows.append((name, goal, reached, "aimed -> reached"))
     if first.monitor and first.metric_before is not None and metric is not None:
         rows.append((first.monitor, _num(first.metric_before), _num(metric), f"{metric - first.metric_before:+.4f}"))
     width = max(len(r[0]) for r in rows)
@@ -169,11 +187,11 @@ def summary_table(reports: list[PruneReport], final_metric: float | None = None)
         f"HalfPrune summary: {len(reports)} prune event(s); before the first cut -> after fit",
         f"  {'':<{width}}  {'before':>10}  {'after':>10}",
         *[f"  {a:<{width}}  {b:>10}  {c:>10}   ({d})" for a, b, c, d in rows],
-        f"  {'event':>5} {'epoch':>5} {'step':>6} {'ratio':>6} {'params':>9} {'MACs':>9} {'latency ms':>11}  "
+        f"  {'event':>5} {'epoch':>5} {'step':>6} {'ratio':>6} {'params':>9} {'MACs':>9} {'speed-up':>11}  "
         + (f"{first.monitor}: before -> after cut -> recovered" if first.monitor else ""),
     ]
     for i, r in enumerate(reports):
-        latency = f"{r.after.latency_ms:.3f}" if r.after.latency_ms is not None else "-"
+        latency = "-" if r.speed is None else "n/m" if r.speed.ratio is None else f"{r.speed.ratio:.2f}x"
         trail = (
             f"{_num(r.metric_before)} -> {_num(r.metric_after_cut)} -> {_num(r.metric_recovered)}" if r.monitor else ""
         )
@@ -185,16 +203,18 @@ def summary_table(reports: list[PruneReport], final_metric: float | None = None)
     return "\n".join(lines)
 
 
-def final_summary(reports: list[PruneReport], final_metric: float | None = None) -> dict[str, float]:
-    """Whole-fit figures for a run summary: final/original params and MACs, latency speed-up, metric delta."""
+def final_summary(
+    reports: list[PruneReport], final_metric: float | None = None, speed: SpeedUp | None = None
+) -> dict[str, float]:
+    """Whole-fit figures for a run summary: final/original params and MACs, side-by-side speed-up, metric delta."""
     first, last = reports[0], reports[-1]
     out = {
         "halfprune/final_params_ratio": last.after.params / first.before.params if first.before.params else math.nan,
         "halfprune/final_macs_ratio": last.after.macs / first.before.macs if first.before.macs else float("nan"),
         "halfprune/events": float(len(reports)),
     }
-    if first.before.latency_ms and last.after.latency_ms:
-        out["halfprune/final_speedup"] = first.before.latency_ms / last.after.latency_ms
+    if speed is not None:
+        out |= speed.scalars("halfprune/final_speedup")
     end = final_metric if final_metric is not None else last.metric_recovered
     if first.metric_before is not None and end is not None:
         out["halfprune/final_metric_delta"] = end - first.metric_before

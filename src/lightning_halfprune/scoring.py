@@ -15,12 +15,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune.surgery import run_model
 
 __all__ = [
     "ActivationScorer",
     "CalibratedScorer",
+    "MagnitudeScorer",
     "RandomScorer",
     "RedundancyScorer",
     "Scorer",
@@ -217,6 +219,62 @@ class RedundancyScorer(_ChannelStatsScorer):
         return (signal / signal.mean().clamp_min(1e-12) * (1 - redundancy)).float()
 
 
+class MagnitudeScorer(tp.importance.GroupMagnitudeImportance):
+    """torch-pruning's group magnitude (``sum |w| ** p`` per channel, reduced and normalised), without weight copies.
+
+    ``GroupMagnitudeImportance`` indexes, transposes and flattens every weight of a group before taking norms,
+    i.e. makes several full-size copies per layer; with large weights those allocations make one event cost grow
+    faster than the model. Here each layer's per-channel sums are reductions over the weight as it lies in
+    memory (the output dim for producers, the input dim for consumers, the scale of norms), then indexed. Same
+    layers, same reduction (``group_reduction``) and normalisation (``normalizer``) as torch-pruning, equal to
+    float tolerance.
+    """
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        group_imp, group_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, prune_fn = dep.layer, dep.pruning_fn
+            if not isinstance(layer, tuple(self.target_types)):
+                continue
+            weight = getattr(layer, "weight", None)
+            if prune_fn in (tp_function.prune_conv_out_channels, tp_function.prune_linear_out_channels):
+                dim = 1 if getattr(layer, "transposed", False) else 0
+                local = _power_sum(weight, self.p, keep_dim=dim)
+                biased = self.bias and layer.bias is not None
+            elif prune_fn in (tp_function.prune_conv_in_channels, tp_function.prune_linear_in_channels):
+                local = _power_sum(weight, self.p, keep_dim=0 if getattr(layer, "transposed", False) else 1)
+                groups = getattr(layer, "groups", 1)
+                if prune_fn == tp_function.prune_conv_in_channels and groups not in (1, layer.in_channels):
+                    local = local.repeat(groups)
+                biased = False
+            elif (prune_fn == tp_function.prune_batchnorm_out_channels and layer.affine) or (
+                prune_fn == tp_function.prune_layernorm_out_channels and layer.elementwise_affine
+            ):
+                local = weight.detach().abs().pow(self.p)  # one value per channel: no large copy
+                biased = self.bias and layer.bias is not None
+            else:
+                continue
+            index = torch.as_tensor(idxs, dtype=torch.long, device=local.device)
+            group_imp.append(local[index])
+            group_idxs.append(group[i].root_idxs)
+            if biased:
+                group_imp.append(layer.bias.detach()[index].abs().pow(self.p))
+                group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
+def _power_sum(weight: torch.Tensor, p: float, keep_dim: int) -> torch.Tensor:
+    """``sum |w| ** p`` over every dim of ``weight`` but ``keep_dim``: a strided reduction, no copy of ``weight``."""
+    dims = [d for d in range(weight.dim()) if d != keep_dim]
+    w = weight.detach()
+    if p == 1:
+        return torch.linalg.vector_norm(w, ord=1, dim=dims)
+    return torch.linalg.vector_norm(w, ord=p, dim=dims).pow(p)
+
+
 def _inputs_of(batch: Any) -> Any:
     """The model input of a training batch: the batch itself if a tensor, else its first element."""
     if isinstance(batch, (tuple, list)):
@@ -225,8 +283,8 @@ def _inputs_of(batch: Any) -> Any:
 
 
 SCORERS: dict[str, Callable[[], Scorer]] = {
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "l1": lambda: MagnitudeScorer(p=1),
+    "l2": lambda: MagnitudeScorer(p=2),
     "bn_scale": lambda: tp.importance.BNScaleImportance(),
     "fpgm": lambda: tp.importance.FPGMImportance(),
     "taylor": TaylorScorer,

@@ -339,6 +339,17 @@ class Surgeon:
         self._signature = _signature(self.model)
         return remap
 
+    @contextlib.contextmanager
+    def trial(self, cuts: Sequence[Cut]) -> Iterator[None]:
+        """Make ``cuts`` for the duration of the block (to count or time the result), then undo them exactly."""
+        snapshot = _ModuleSnapshot(self.model)
+        try:
+            self.cut(cuts)
+            yield
+        finally:
+            snapshot.restore()
+            self._graph, self._groups = None, None  # torch-pruning updated the graph in place: rebuild it
+
     def _prune_group(self, graph: tp.DependencyGraph, cut: Cut) -> None:
         module = _module_by_name(self.model, cut.layer)
         spec = next((s for s in attn.find_attention(self.model) if s.root is module), None)
