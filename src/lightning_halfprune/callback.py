@@ -31,6 +31,7 @@ from lightning_halfprune.measure import (
     layer_widths,
     measure_latency,
 )
+from lightning_halfprune.preflight import cut_safely, preflight
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -148,6 +149,8 @@ class HalfPrune(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
+        if not self.stopped:  # what cannot be cut safely is reported now, not after epochs of training
+            preflight(self._surgeon, self.schedule.final_ratio)
         self._catch_up(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -232,7 +235,7 @@ class HalfPrune(Callback):
         with _timed(timings, "score"):
             cuts = self._plan(trainer, pl_module, ratio)
         with _timed(timings, "cut"):
-            self._surgeon.cut(cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
+            cuts = cut_safely(self._surgeon, cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
             rewrap_ddp(trainer.strategy)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
