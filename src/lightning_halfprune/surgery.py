@@ -9,6 +9,7 @@ cumulative ratio and the widths the model had when pruning started.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import traceback
@@ -300,9 +301,9 @@ class Surgeon:
         rebuilt, and the error propagates. ``dry_run``: do the cut and the check, then undo it anyway.
         """
         expected = _structure(self._forward())
-        snapshot = _ModuleSnapshot(self.model)
         graph = self.graph
         members = _members(graph, self.groups())
+        snapshot, graph_snapshot = _ModuleSnapshot(self.model), _GraphSnapshot(graph, self.model)
         try:
             with _tracking_slices() as remap, graph_safe(self.model), torch.no_grad():
                 for c in cuts:
@@ -310,15 +311,18 @@ class Surgeon:
             for old, (new, _) in remap.steps.items():
                 new.requires_grad_(old.requires_grad)
             _check_output(expected, _structure(self._forward(cuts, members)), cuts)
-            if not dry_run and then is not None:
+            if dry_run:
+                raise _DryRun
+            if then is not None:
                 then(remap)
-        except BaseException:
+        except BaseException as err:
             snapshot.restore()
-            self._graph = None
-            raise
-        if dry_run:
-            snapshot.restore()
-            self._graph = None
+            if isinstance(err, (_DryRun, BrokenForward)):  # every group was cut whole: the graph can be put back
+                graph_snapshot.restore()
+            else:
+                self._graph = None
+            if not isinstance(err, _DryRun):
+                raise
         self._signature = _signature(self.model)
         return remap
 
@@ -482,6 +486,50 @@ class _ModuleSnapshot:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(buffers)
+
+
+class _DryRun(Exception):
+    """Raised inside ``Surgeon.cut(dry_run=True)`` to take the undo path after a successful check."""
+
+
+class _GraphSnapshot:
+    """What a cut changes in torch-pruning's graph besides the model's modules: an exact, copy-free undo.
+
+    The sizes its own op nodes (concat, split, slice, output) keep, the index mappings between nodes, and the
+    entries of unwrapped parameters, which a cut replaces.
+    """
+
+    def __init__(self, graph: tp.DependencyGraph, model: nn.Module) -> None:
+        own = set(model.modules())
+        self.graph = graph
+        self.module2node, self.param_to_name = dict(graph.module2node), dict(graph._param_to_name)
+        nodes = list(self.module2node.values())
+        self.nodes = [(node, node.module) for node in nodes]
+        self.mappings = [(dep, list(dep.index_mapping)) for node in nodes for dep in node.dependencies]
+        self.ops = [
+            (node.module, {k: copy.copy(v) for k, v in vars(node.module).items() if _sizes(v)})
+            for node in nodes
+            if isinstance(node.module, nn.Module) and node.module not in own
+        ]
+
+    def restore(self) -> None:
+        self.graph.module2node.clear()
+        self.graph.module2node.update(self.module2node)
+        self.graph._param_to_name.clear()
+        self.graph._param_to_name.update(self.param_to_name)
+        for node, module in self.nodes:
+            node.module = module
+        for dep, mapping in self.mappings:
+            dep.index_mapping[:] = mapping
+        for op, state in self.ops:
+            vars(op).update({k: copy.copy(v) for k, v in state.items()})
+
+
+def _sizes(value: Any) -> bool:
+    """Plain size bookkeeping (ints and lists of ints), as torch-pruning's op nodes keep it."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, int) for v in value)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
 
 
 @contextlib.contextmanager
