@@ -78,7 +78,7 @@ MODELS = {
     "tv_efficientnet_b0": _tv("efficientnet_b0", 32),
     "tv_convnext_tiny": _tv("convnext_tiny", 32),
     "tv_regnet_x_400mf": _tv("regnet_x_400mf", 32),
-    "tv_vit (2 layers, hidden 64)": _tv(
+    "tv_vit_2l": _tv(
         "VisionTransformer", 32, image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
     ),
     "tv_swin_t": _tv("swin_t", 64),
@@ -99,7 +99,7 @@ MODELS = {
         num_labels=CLASSES,
         **{k: v for k, v in TINY_TEXT.items() if k != "vocab_size"},
     ),
-    "hf_gpt2_lm (tied)": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB),
+    "hf_gpt2_lm": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB),
     "hf_llama_gqa": _hf("LlamaForCausalLM", "LlamaConfig", "lm", **TINY_LM),
     "hf_qwen2_gqa": _hf("Qwen2ForCausalLM", "Qwen2Config", "lm", **TINY_LM),
 }
@@ -262,7 +262,8 @@ def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
     again = ZooModule(name)
     sub = os.path.join(root, "resume")
     try:
-        _trainer(sub, [HalfPrune(schedule={0: 0.3, 1: 0.5}, verbose=False)]).fit(
+        resumed = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)  # latency: no check
+        _trainer(sub, [resumed]).fit(
             again, data, data, ckpt_path=os.path.join(root, "epoch=0.ckpt")
         )
     except Exception as err:
@@ -339,7 +340,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names (default: all)")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per model")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--out", default=str(Path(__file__).with_name("model_zoo.md")))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -366,7 +367,7 @@ def main() -> None:
     text = (
         f"# Model zoo\n\n`HalfPrune(schedule={{0: 0.3, 1: 0.5}})` with default arguments, {EPOCHS} epochs of {BATCHES} "
         f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
-        f"timm {_version('timm')}, transformers {_version('transformers')}, torch-pruning {_version('torch_pruning')}); "
+        f"timm {_version('timm')}, transformers {_version('transformers')}, torch-pruning {_version('torch-pruning')}); "
         f"{time.perf_counter() - started:.0f} s in all. Params and MACs per sample before the first cut -> after the "
         "last; latency: median of 10 forward passes at batch 64 (one run each, a shared machine: indicative only); "
         "one event: wall time of the first prune event; fit: the whole fit with its two events. "
@@ -379,10 +380,12 @@ def main() -> None:
     print(text)
 
 
-def _version(module: str) -> str:
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return __import__(module).__version__
-    except Exception:
+        return version(package)
+    except PackageNotFoundError:
         return "?"
 
 
