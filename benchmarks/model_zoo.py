@@ -263,9 +263,7 @@ def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
     sub = os.path.join(root, "resume")
     try:
         resumed = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)  # latency: no check
-        _trainer(sub, [resumed]).fit(
-            again, data, data, ckpt_path=os.path.join(root, "epoch=0.ckpt")
-        )
+        _trainer(sub, [resumed]).fit(again, data, data, ckpt_path=os.path.join(root, "epoch=0.ckpt"))
     except Exception as err:
         return f"resume: {type(err).__name__}: {str(err)[:120]}"
     if count_params(again) != count_params(model):
@@ -364,10 +362,15 @@ def main() -> None:
             row = {"model": name, "crash": f"timed out after {args.timeout} s"}
         print(f"  {_cell(row)}", flush=True)
         rows.append(row)
+        _write(args.out, rows, started)  # after every model: a partial table survives an interrupted run
+
+
+def _write(out: str, rows: list[dict], started: float) -> None:
     text = (
         f"# Model zoo\n\n`HalfPrune(schedule={{0: 0.3, 1: 0.5}})` with default arguments, {EPOCHS} epochs of {BATCHES} "
         f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
-        f"timm {_version('timm')}, transformers {_version('transformers')}, torch-pruning {_version('torch-pruning')}); "
+        f"timm {_version('timm')}, transformers {_version('transformers')}, "
+        f"torch-pruning {_version('torch-pruning')}); "
         f"{time.perf_counter() - started:.0f} s in all. Params and MACs per sample before the first cut -> after the "
         "last; latency: median of 10 forward passes at batch 64 (one run each, a shared machine: indicative only); "
         "one event: wall time of the first prune event; fit: the whole fit with its two events. "
@@ -375,9 +378,8 @@ def main() -> None:
         + table(rows)
         + "\n"
     )
-    Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-    print(text)
+    Path(out).write_text(text)
+    Path(out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 def _version(package: str) -> str:

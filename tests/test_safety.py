@@ -194,17 +194,19 @@ def test_a_mid_fit_cut_that_breaks_the_only_group_stops_with_the_model_as_before
 
 
 def test_a_cut_that_changes_the_output_shape_is_refused():
-    class NoHead(nn.Module):  # the output *is* a prunable layer's width, hidden from the graph by a detach
+    class WidthInOutput(nn.Module):  # the output's shape depends on a width through a path the graph cannot see
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8, 4)
 
         def forward(self, x):
-            return self.conv(x).mean((2, 3)).detach() + 0 * self.conv.weight.sum()
+            h = self.conv(x)
+            return torch.cat([self.head(h.mean((2, 3))), torch.zeros(len(h), h.shape[1])], 1)
 
-    model = NoHead()
+    model = WidthInOutput()
     surgeon = Surgeon(model, X)
-    with pytest.raises(BrokenForward, match=r"output changed from tensor\[2, 8\].* to tensor\[2, 4\]"):
+    with pytest.raises(BrokenForward, match=r"output changed from tensor\[2, 12\].* to tensor\[2, 8\]"):
         surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
     assert model.conv.out_channels == 8
 

@@ -26,6 +26,7 @@ from lightning_halfprune.scoring import get_scorer
 from lightning_halfprune.surgery import BrokenForward, Cut, ParamRemap, Surgeon, SurgeryError
 
 SCORER = "l2"  # what the dry run plans with: needs no data, has no state
+MAX_LISTED = 8  # reasons listed in one message
 
 
 class PreflightWarning(UserWarning):
@@ -33,38 +34,39 @@ class PreflightWarning(UserWarning):
 
 
 def preflight(surgeon: Surgeon, ratio: float) -> dict[str, str]:
-    """Dry-run a cut to cumulative ``ratio``; leave out (and warn about) groups that cannot be cut safely.
+    """Dry-run a cut to cumulative ``ratio``; leave out (and warn once about) groups that cannot be cut safely.
 
     Returns group name -> why it was left out. Raises ``SurgeryError`` if no prunable group is left.
     """
-    score, left_out = get_scorer(SCORER), {}
-    for _ in range(len(surgeon.original_widths) + 1):  # every round leaves out at least one group
-        failed: dict[str, str] = {}
-        cuts = surgeon.plan(ratio, _guarded(score, surgeon, failed))
-        if not failed:
-            try:
-                surgeon.cut(cuts, dry_run=True)
-                break
-            except SurgeryError as err:
-                failed = _culprits(surgeon, cuts, err)
-        left_out.update(failed)
-        _leave_out(surgeon, failed, before_training=True)
+    left_out: dict[str, str] = {}
+    cuts = surgeon.plan(ratio, _guarded(get_scorer(SCORER), surgeon, left_out))
+    while cuts:
+        try:
+            surgeon.cut(cuts, dry_run=True)
+            break
+        except SurgeryError as err:
+            culprits = _culprits(surgeon, cuts, err)
+        left_out.update(culprits)
+        cuts = [c for c in cuts if c.layer not in culprits]
+    _leave_out(surgeon, left_out, before_training=True)
     return left_out
 
 
 def cut_safely(surgeon: Surgeon, cuts: Sequence[Cut], then: Callable[[ParamRemap], None]) -> list[Cut]:
     """``surgeon.cut(cuts, then)``, leaving out the groups whose cut breaks the model; returns the cuts made."""
-    cuts = list(cuts)
+    cuts, left_out = list(cuts), {}
     while True:
         try:
             surgeon.cut(cuts, then)
-            return cuts
+            break
         except SurgeryError as err:
             if not err.groups:
                 raise
             culprits = _culprits(surgeon, cuts, err)
-            cuts = [c for c in cuts if c.layer not in culprits]
-            _leave_out(surgeon, culprits, before_training=False)
+        left_out.update(culprits)
+        cuts = [c for c in cuts if c.layer not in culprits]
+    _leave_out(surgeon, left_out, before_training=False)
+    return cuts
 
 
 def _guarded(score: Callable[[Any], Any], surgeon: Surgeon, failed: dict[str, str]) -> Callable[[Any], Any]:
@@ -82,17 +84,17 @@ def _guarded(score: Callable[[Any], Any], surgeon: Surgeon, failed: dict[str, st
 
 
 def _culprits(surgeon: Surgeon, cuts: Sequence[Cut], err: SurgeryError) -> dict[str, str]:
-    """Which of ``cuts`` make the model fail: each suspect the error names is tried alone (dry run)."""
-    suspects = [c for c in cuts if c.layer in err.groups] or list(cuts)
-    if len(suspects) == 1 or not isinstance(err, BrokenForward):
-        return {c.layer: str(err) for c in suspects}
+    """Which of ``cuts`` make the model fail: after a broken forward every cut is tried alone (dry runs)."""
+    named = [c for c in cuts if c.layer in err.groups] or list(cuts)
+    if len(cuts) == 1 or not isinstance(err, BrokenForward):
+        return {c.layer: _reason(err) for c in named}
     culprits = {}
-    for c in suspects:
+    for c in cuts:
         try:
             surgeon.cut([c], dry_run=True)
         except SurgeryError as alone:
-            culprits[c.layer] = str(alone)
-    return culprits or {c.layer: str(err) for c in suspects}  # they fail only together: leave all of them out
+            culprits[c.layer] = _reason(alone)
+    return culprits or {c.layer: _reason(err) for c in named}  # they fail only together: leave out those it names
 
 
 def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) -> None:
@@ -101,7 +103,9 @@ def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) 
     surgeon.ignore(list(groups))
     left = [g.name for g in surgeon.groups() if g.name in surgeon.original_widths]
     names = list(groups)
-    reasons = "\n".join(f"  - {name!r}: {why}" for name, why in groups.items())
+    reasons = "\n".join(f"  - {name!r}: {why}" for name, why in list(groups.items())[:MAX_LISTED])
+    if len(groups) > MAX_LISTED:
+        reasons += f"\n  - ... and {len(groups) - MAX_LISTED} more"
     if not left:
         raise SurgeryError(
             f"HalfPrune cannot prune this model safely: no coupled group can be cut without breaking it. "
@@ -118,3 +122,7 @@ def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) 
         "to make this explicit and skip this check.",
         category=PreflightWarning,
     )
+
+
+def _reason(err: SurgeryError) -> str:
+    return getattr(err, "reason", None) or str(err)

@@ -44,9 +44,10 @@ class BrokenForward(SurgeryError):
     ``layer`` is the innermost module whose forward was running when it failed ('' for the model itself).
     """
 
-    def __init__(self, message: str, groups: Sequence[str] = (), layer: str | None = None) -> None:
+    def __init__(self, message: str, groups: Sequence[str] = (), layer: str | None = None, reason: str = "") -> None:
         super().__init__(message, groups)
         self.layer = layer
+        self.reason = reason or message  # the short form: what broke, without the advice
 
 
 @dataclass
@@ -300,7 +301,7 @@ class Surgeon:
         KeyboardInterrupt), the model's modules are put back exactly as they were, the graph is dropped to be
         rebuilt, and the error propagates. ``dry_run``: do the cut and the check, then undo it anyway.
         """
-        expected = _structure(self._forward())
+        expected = self._expected_output()
         graph = self.graph
         members = _members(graph, self.groups())
         snapshot, graph_snapshot = _ModuleSnapshot(self.model), _GraphSnapshot(graph, self.model)
@@ -331,6 +332,14 @@ class Surgeon:
         self.ignored_layers.extend(_module_by_name(self.model, name) for name in layers)
         self._groups = None
 
+    def _expected_output(self) -> tuple:
+        """The structure of the model's output now (cached until the parameters change): what a cut must keep."""
+        signature = _signature(self.model)
+        cached = self.__dict__.get("_expected")
+        if cached is None or cached[0] != signature:
+            self._expected = cached = (signature, _structure(self._forward()))
+        return cached[1]
+
     def _forward(self, cuts: Sequence[Cut] = (), members: dict[str, set[str]] | None = None) -> Any:
         """Run the example input in eval mode without grad or RNG side effects; a failure is a ``BrokenForward``."""
         names = {m: name for name, m in self.model.named_modules()}
@@ -355,12 +364,14 @@ class Surgeon:
             layer = names.get(running[-1], "") if running else None
             groups = _groups_touching(members or {}, cuts, layer)
             where = f"in layer {layer!r} ({type(running[-1]).__name__})" if layer else "in the model's own forward"
+            reason = f"the forward failed {where} with {type(err).__name__}: {err}"
             raise BrokenForward(
                 f"after removing channels from the coupled group(s) {groups} the model no longer runs "
-                f"`example_input`: the forward failed {where} with {type(err).__name__}: {err}. The cut was undone; "
-                f"the model is exactly as before. Add {groups} to `ignored_layers` to leave these layers alone.",
+                f"`example_input`: {reason}. The cut was undone; the model is exactly as before. Add {groups} to "
+                "`ignored_layers` to leave these layers alone.",
                 groups,
                 layer,
+                reason,
             ) from err
         finally:
             for h in handles:
@@ -623,11 +634,12 @@ def _structure(x: Any) -> tuple:
 def _check_output(expected: tuple, got: tuple, cuts: Sequence[Cut]) -> None:
     if expected != got:
         groups = [c.layer for c in cuts]
+        reason = f"the model's output changed from {_describe(expected)} to {_describe(got)}"
         raise BrokenForward(
-            f"after removing channels from the coupled group(s) {groups} the model's output changed from "
-            f"{_describe(expected)} to {_describe(got)}. The cut was undone; the model is exactly as before. "
-            "Add the layers the output's shape depends on to `ignored_layers`.",
+            f"after removing channels from the coupled group(s) {groups} {reason}. The cut was undone; the model is "
+            "exactly as before. Add the layers the output's shape depends on to `ignored_layers`.",
             groups,
+            reason=reason,
         )
 
 
