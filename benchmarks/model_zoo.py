@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BATCH, BATCHES, EPOCHS, SEQ, VOCAB, CLASSES = 8, 3, 2, 16, 1000, 10
@@ -339,6 +340,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names (default: all)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models fitted at the same time")
     parser.add_argument("--out", default=str(Path(__file__).with_name("model_zoo.md")))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -349,20 +351,23 @@ def main() -> None:
             row = {"model": args.child, "crash": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
         print(json.dumps(row, default=str))
         return
-    rows, started = [], time.perf_counter()
-    for name in args.only or list(MODELS):
-        print(f"{name} ...", flush=True)
-        try:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", name], capture_output=True, text=True, timeout=args.timeout
-            )
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            row = json.loads(lines[-1]) if lines else {"model": name, "crash": _short(out.stderr[-400:])}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "crash": f"timed out after {args.timeout} s"}
-        print(f"  {_cell(row)}", flush=True)
-        rows.append(row)
-        _write(args.out, rows, started)  # after every model: a partial table survives an interrupted run
+    names, started = args.only or list(MODELS), time.perf_counter()
+    done: dict[str, dict] = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(lambda name: _run_child(name, args.timeout), names):
+            print(f"{row['model']}: {_cell(row)}", flush=True)
+            done[row["model"]] = row
+            _write(args.out, [done[n] for n in names if n in done], started)  # a partial table survives
+
+
+def _run_child(name: str, timeout: int) -> dict:
+    try:
+        command = [sys.executable, __file__, "--child", name]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        return json.loads(lines[-1]) if lines else {"model": name, "crash": _short(out.stderr[-400:])}
+    except subprocess.TimeoutExpired:
+        return {"model": name, "crash": f"timed out after {timeout} s"}
 
 
 def _write(out: str, rows: list[dict], started: float) -> None:

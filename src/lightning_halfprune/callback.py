@@ -126,6 +126,7 @@ class HalfPrune(Callback):
         self.skipped: list[int] = []  # prune points undone by the guard: never redone, also not after a resume
         self.retries: dict[int, float] = {}  # point -> ratio, added by on_violation="halve"
         self.stopped = False
+        self.left_out: dict[str, str] = {}  # coupled groups that cannot be cut safely -> why (see preflight.py)
         self.history: list[dict[str, Any]] = []
         self.original_widths: dict[str, int] = {}
         self.reports: list[PruneReport] = []
@@ -150,7 +151,7 @@ class HalfPrune(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
         if not self.stopped:  # what cannot be cut safely is reported now, not after epochs of training
-            preflight(self._surgeon, self.schedule.final_ratio)
+            self.left_out = preflight(self._surgeon, list(self.schedule.points.values()), self.left_out)
         self._catch_up(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,6 +191,7 @@ class HalfPrune(Callback):
             "skipped": self.skipped,
             "retries": self.retries,
             "stopped": self.stopped,
+            "left_out": self.left_out,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -198,6 +200,7 @@ class HalfPrune(Callback):
         self.skipped = list(state_dict.get("skipped", []))
         self.retries = {int(k): float(v) for k, v in state_dict.get("retries", {}).items()}
         self.stopped = bool(state_dict.get("stopped", False))
+        self.left_out = dict(state_dict.get("left_out", {}))
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,7 +238,8 @@ class HalfPrune(Callback):
         with _timed(timings, "score"):
             cuts = self._plan(trainer, pl_module, ratio)
         with _timed(timings, "cut"):
-            cuts = cut_safely(self._surgeon, cuts, then=lambda remap: rebind_optimizers(trainer.optimizers, remap))
+            rebind = lambda remap: rebind_optimizers(trainer.optimizers, remap)  # noqa: E731
+            cuts = cut_safely(self._surgeon, cuts, rebind, self.left_out)
             rewrap_ddp(trainer.strategy)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)

@@ -27,34 +27,48 @@ from lightning_halfprune.surgery import BrokenForward, Cut, ParamRemap, Surgeon,
 
 SCORER = "l2"  # what the dry run plans with: needs no data, has no state
 MAX_LISTED = 8  # reasons listed in one message
+MAX_RATIOS = 8  # distinct ratios of a schedule dry-run at train start (the largest ones)
 
 
 class PreflightWarning(UserWarning):
     """Some coupled groups cannot be pruned safely and are left alone for the rest of the fit."""
 
 
-def preflight(surgeon: Surgeon, ratio: float) -> dict[str, str]:
-    """Dry-run a cut to cumulative ``ratio``; leave out (and warn once about) groups that cannot be cut safely.
+def preflight(surgeon: Surgeon, ratios: Sequence[float], known: dict[str, str] | None = None) -> dict[str, str]:
+    """Dry-run a cut to each of ``ratios``; leave out (and warn once about) groups that cannot be cut safely.
 
+    Every ratio of the schedule gives other widths, and a model can break at one width but not another (a view
+    into heads breaks unless the width is a multiple of the head size), so each is tried, from the cumulative
+    original widths just as the real cut will. ``known``: groups left out earlier in this fit (before a resume).
     Returns group name -> why it was left out. Raises ``SurgeryError`` if no prunable group is left.
     """
-    left_out: dict[str, str] = {}
-    cuts = surgeon.plan(ratio, _guarded(get_scorer(SCORER), surgeon, left_out))
-    while cuts:
-        try:
-            surgeon.cut(cuts, dry_run=True)
-            break
-        except SurgeryError as err:
-            culprits = _culprits(surgeon, cuts, err)
-        left_out.update(culprits)
-        cuts = [c for c in cuts if c.layer not in culprits]
+    left_out = dict(known or {})
+    surgeon.ignore(list(left_out))
+    for ratio in sorted(set(ratios), reverse=True)[:MAX_RATIOS]:
+        cuts = surgeon.plan(ratio, _guarded(get_scorer(SCORER), surgeon, left_out))
+        surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
+        cuts = [c for c in cuts if c.layer not in left_out]
+        while cuts:
+            try:
+                surgeon.cut(cuts, dry_run=True)
+                break
+            except SurgeryError as err:
+                culprits = _culprits(surgeon, cuts, err)
+            left_out.update(culprits)
+            cuts = [c for c in cuts if c.layer not in culprits]
+        surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
     _leave_out(surgeon, left_out, before_training=True)
     return left_out
 
 
-def cut_safely(surgeon: Surgeon, cuts: Sequence[Cut], then: Callable[[ParamRemap], None]) -> list[Cut]:
-    """``surgeon.cut(cuts, then)``, leaving out the groups whose cut breaks the model; returns the cuts made."""
-    cuts, left_out = list(cuts), {}
+def cut_safely(
+    surgeon: Surgeon, cuts: Sequence[Cut], then: Callable[[ParamRemap], None], left_out: dict[str, str]
+) -> list[Cut]:
+    """``surgeon.cut(cuts, then)``, leaving out the groups whose cut breaks the model; returns the cuts made.
+
+    The groups left out are added to ``left_out`` (kept in the callback's state, so a resume leaves them out too).
+    """
+    cuts, found = list(cuts), {}
     while True:
         try:
             surgeon.cut(cuts, then)
@@ -63,9 +77,10 @@ def cut_safely(surgeon: Surgeon, cuts: Sequence[Cut], then: Callable[[ParamRemap
             if not err.groups:
                 raise
             culprits = _culprits(surgeon, cuts, err)
-        left_out.update(culprits)
+        found.update(culprits)
         cuts = [c for c in cuts if c.layer not in culprits]
-    _leave_out(surgeon, left_out, before_training=False)
+    left_out.update(found)
+    _leave_out(surgeon, found, before_training=False)
     return cuts
 
 
@@ -100,7 +115,7 @@ def _culprits(surgeon: Surgeon, cuts: Sequence[Cut], err: SurgeryError) -> dict[
 def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) -> None:
     if not groups:
         return
-    surgeon.ignore(list(groups))
+    surgeon.ignore([name for name in groups if name not in _ignored(surgeon)])
     left = [g.name for g in surgeon.groups() if g.name in surgeon.original_widths]
     names = list(groups)
     reasons = "\n".join(f"  - {name!r}: {why}" for name, why in list(groups.items())[:MAX_LISTED])
@@ -126,3 +141,8 @@ def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) 
 
 def _reason(err: SurgeryError) -> str:
     return getattr(err, "reason", None) or str(err)
+
+
+def _ignored(surgeon: Surgeon) -> set[str]:
+    names = {m: n for n, m in surgeon.model.named_modules()}
+    return {names.get(m, "") for m in surgeon.ignored_layers}
