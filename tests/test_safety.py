@@ -44,10 +44,15 @@ class EinsumNet(nn.Module):
 
 
 class MultipleOf4(nn.Module):
-    """A user's forward that asserts on a width: breaks only for some widths, which a dry run at one ratio misses."""
+    """A user's check on a width that only holds once training has started: the dry run at train start misses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trained = False
 
     def forward(self, x):
-        assert x.shape[1] % 4 == 0, f"width {x.shape[1]} is not a multiple of 4"
+        self.trained |= self.training
+        assert not self.trained or x.shape[1] % 4 == 0, f"width {x.shape[1]} is not a multiple of 4"
         return x
 
 
@@ -151,7 +156,7 @@ def test_einsum_layer_is_skipped_with_a_warning_when_other_groups_can_be_pruned(
 
 # ------------------------------------------------------------------------------------ verified cuts, mid-fit
 def test_a_cut_whose_forward_fails_is_undone_exactly_with_the_optimizer_untouched():
-    model = Picky()
+    model = Picky().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
@@ -170,7 +175,7 @@ def test_a_cut_whose_forward_fails_is_undone_exactly_with_the_optimizer_untouche
 
 def test_a_group_that_breaks_the_forward_mid_fit_is_left_out_and_the_fit_goes_on(tmp_path):
     model = Classifier(Picky())
-    prune = HalfPrune({0: 0.3, 1: 0.5})  # the dry run at 0.5 passes (width 8); 0.3 leaves width 11
+    prune = HalfPrune({0: 0.3, 1: 0.5})  # 0.3 leaves width 11, 0.5 width 8
     expected = r"(?s)at this prune point.*'net.b'.*width 11.*ignored_layers=\['net.b'\]"
     with pytest.warns(PreflightWarning, match=expected):
         checkpoints = ModelCheckpoint(tmp_path, save_last=True)
@@ -179,7 +184,10 @@ def test_a_group_that_breaks_the_forward_mid_fit_is_left_out_and_the_fit_goes_on
         )
     assert model.net.b.out_channels == 16 and model.net.a.out_channels == 8
     assert [layer for event in prune.history for layer, _ in event["cuts"]] == ["net.a", "net.a"]
+    assert list(prune.left_out) == ["net.b"] and "width 11" in prune.left_out["net.b"]
     assert len(model.losses) == 12 and model(X).shape == (2, 4)
+    states = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"].values()
+    assert [list(state["left_out"]) for state in states if "left_out" in state] == [["net.b"]]  # kept for a resume
     loaded = load_pruned(Classifier, tmp_path / "last.ckpt", net=Picky())
     assert torch.equal(loaded(X), model.eval()(X))
 
@@ -296,3 +304,20 @@ def test_preflight_after_a_resume_runs_on_the_remaining_plan_and_touches_nothing
         torch.equal(v, after["opt_state"][p][k]) for p, s in seen["before"]["opt_state"].items() for k, v in s.items()
     )
     assert resumed.net.blocks[0].conv1.out_channels == 8
+
+
+class AlwaysMultipleOf4(MultipleOf4):
+    def forward(self, x):
+        assert x.shape[1] % 4 == 0, f"width {x.shape[1]} is not a multiple of 4"  # e.g. a view into heads of 4
+        return x
+
+
+def test_every_ratio_of_the_schedule_is_dry_run_at_train_start(tmp_path):
+    net = Picky()
+    net.check = AlwaysMultipleOf4()  # 0.5 leaves width 8 (a dry run of the final ratio alone passes); 0.3 leaves 11
+    model = Classifier(net)
+    prune = HalfPrune({0: 0.3, 1: 0.5})
+    with pytest.warns(PreflightWarning, match=r"(?s)before training.*'net.b'.*width 11"):
+        fit(tmp_path, model, prune)
+    assert list(prune.left_out) == ["net.b"] and model.net.b.out_channels == 16
+    assert model.net.a.out_channels == 8 and len(model.losses) == 12
