@@ -45,7 +45,7 @@ def measure(name: str, build, x) -> str:
         model = build()
         surgeon = Surgeon.__new__(Surgeon)
         graph.append(timed(lambda: Surgeon.__init__(surgeon, model, x)))  # noqa: B023
-        pre.append(timed(lambda: preflight(surgeon, 0.5)))  # noqa: B023
+        pre.append(timed(lambda: preflight(surgeon, [0.5])))  # noqa: B023
         plan = surgeon.plan(0.5, get_scorer("l2"))
         cut.append(timed(lambda: surgeon.cut(plan)))  # noqa: B023
     params = count_params(build())
@@ -59,15 +59,15 @@ def _fmt(values: list[float]) -> str:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # less sensitive to a loaded machine than 2 threads
     rows = [measure("demo CNN1D (64 channels, the README's model)", lambda: CNN1D(channels=64), torch.zeros(1, 1, 40))]
     for width in (64, 256, 512):
         rows.append(measure(f"4-conv 2-D net, width {width}", lambda w=width: conv_net(w), torch.zeros(1, 3, 8, 8)))
     text = (
         "# Pre-flight cost\n\n"
-        f"`python benchmarks/preflight_cost.py`, torch {torch.__version__}, 2 threads, a shared 2-core machine; "
-        f"milliseconds, median [min - max] of {REPS} repetitions. Pre-flight: `preflight(surgeon, 0.5)`, a dry-run cut "
-        "to half the channels with the forward check, undone (model and torch-pruning graph). Graph: building the "
+        f"`python benchmarks/preflight_cost.py`, torch {torch.__version__}, 1 thread, a shared 2-core machine; "
+        f"milliseconds, median [min - max] of {REPS} repetitions. Pre-flight: `preflight(surgeon, [0.5])`, one dry-run "
+        "cut to half the channels with the forward check, undone (model and torch-pruning graph). Graph: building the "
         "Surgeon (tracing, paid at train start anyway). Cut: the real cut of the same plan, with its forward check.\n\n"
         "| model | params | pre-flight ms | graph build ms | one cut ms | pre-flight / graph build |\n"
         "|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"

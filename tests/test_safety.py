@@ -252,7 +252,7 @@ def test_preflight_leaves_model_optimizer_and_rng_exactly_untouched():
         model.train()
         surgeon = Surgeon(model, X)
         before = exact_state(model, opt)
-        assert preflight(surgeon, 0.5) == {}
+        assert preflight(surgeon, [0.3, 0.5]) == {}
         assert_exactly(model, before, opt)
         assert model.training and surgeon.graph_builds == 1  # the dry run put torch-pruning's graph back too
 
