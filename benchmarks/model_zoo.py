@@ -46,7 +46,8 @@ def _tv(name: str, img: int, **kw):
     def build():
         import torchvision
 
-        return getattr(torchvision.models, name)(weights=None, num_classes=CLASSES, **kw)
+        weights = {} if name == "VisionTransformer" else {"weights": None}  # the class itself takes no weights
+        return getattr(torchvision.models, name)(num_classes=CLASSES, **weights, **kw)
 
     return build, ("image", img)
 

@@ -318,7 +318,7 @@ class Surgeon:
                 then(remap)
         except BaseException as err:
             snapshot.restore()
-            if isinstance(err, (_DryRun, BrokenForward)):  # every group was cut whole: the graph can be put back
+            if _graph_intact(err):  # no torch-pruning call failed halfway: the graph can be put back
                 graph_snapshot.restore()
             else:
                 self._graph = None
@@ -534,6 +534,15 @@ class _GraphSnapshot:
             dep.index_mapping[:] = mapping
         for op, state in self.ops:
             vars(op).update({k: copy.copy(v) for k, v in state.items()})
+
+
+def _graph_intact(err: BaseException) -> bool:
+    """True unless ``err`` came from inside torch-pruning (or an interrupt), which may have left its graph halfway."""
+    return (
+        isinstance(err, _DryRun)
+        or (isinstance(err, SurgeryError) and err.__cause__ is None)
+        or isinstance(err, BrokenForward)
+    )
 
 
 def _sizes(value: Any) -> bool:
