@@ -341,6 +341,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names (default: all)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    parser.add_argument("--keep", action="store_true", help="keep the other rows of the existing table")
     parser.add_argument("--jobs", type=int, default=1, help="models fitted at the same time")
     parser.add_argument("--out", default=str(Path(__file__).with_name("model_zoo.md")))
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -354,8 +355,11 @@ def main() -> None:
         return
     names, started = args.only or list(MODELS), time.perf_counter()
     done: dict[str, dict] = {}
+    if args.keep and Path(args.out).with_suffix(".json").exists():  # rows of an earlier run, replaced if rerun
+        done = {row["model"]: row for row in json.loads(Path(args.out).with_suffix(".json").read_text())}
+        names = [n for n in done if n not in names] + names
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda name: _run_child(name, args.timeout), names):
+        for row in pool.map(lambda name: _run_child(name, args.timeout), args.only or list(MODELS)):
             print(f"{row['model']}: {_cell(row)}", flush=True)
             done[row["model"]] = row
             _write(args.out, [done[n] for n in names if n in done], started)  # a partial table survives
