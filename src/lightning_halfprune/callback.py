@@ -28,6 +28,7 @@ from lightning_halfprune.distributed import agreed, check_strategy, from_rank_ze
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.latency import SideBySide, SpeedUp
 from lightning_halfprune.measure import MacCounter, count_params, layer_widths
+from lightning_halfprune.preflight import cut_safely, preflight
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -193,6 +194,7 @@ class HalfPrune(Callback):
         self.retries: dict[int, float] = {}  # point -> ratio, added by on_violation="halve"
         self.stopped = False
         self.cap: float | None = None  # after a rollback with "halve": no cut goes further until one at this holds
+        self.left_out: dict[str, str] = {}  # coupled groups that cannot be cut safely -> why (see preflight.py)
         self.history: list[dict[str, Any]] = []
         self.original_widths: dict[str, int] = {}
         self.reports: list[PruneReport] = []
@@ -233,9 +235,12 @@ class HalfPrune(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._surgeon = self._build_surgeon(trainer, pl_module)
-        if not self.history:  # the original architecture: after a resume it is gone
-            self._speed.keep_original(pl_module)
-        self._targeter = self._build_targeter(pl_module)
+        with compiled.eager():  # HalfPrune's own forward passes never compile
+            if not self.stopped:  # what cannot be cut safely is reported now, not after epochs of training
+                self.left_out = preflight(self._surgeon, list(self.schedule.points.values()), self.left_out)
+            if not self.history:  # the original architecture: after a resume it is gone
+                self._speed.keep_original(pl_module)
+            self._targeter = self._build_targeter(pl_module)
         self._catch_up(trainer, pl_module)
         if self._distiller is not None and self.history and self._last_point_passed(trainer):
             rank_zero_warn("HalfPrune resumed after the last cut: the teacher is not in checkpoints, no distillation.")
@@ -299,6 +304,7 @@ class HalfPrune(Callback):
             "stopped": self.stopped,
             "cap": self.cap,
             "original_counts": self._targeter.original if self._targeter is not None else {},
+            "left_out": self.left_out,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -309,6 +315,7 @@ class HalfPrune(Callback):
         self.stopped = bool(state_dict.get("stopped", False))
         self.cap = state_dict.get("cap")
         self._original_counts = dict(state_dict.get("original_counts", {}))
+        self.left_out = dict(state_dict.get("left_out", {}))
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -372,7 +379,7 @@ class HalfPrune(Callback):
             with _timed(timings, "teacher"):
                 self._distiller.take_teacher(pl_module)
         with _timed(timings, "cut"):
-            self._cut(trainer, cuts, copies)
+            cuts = self._cut(trainer, cuts, copies)
             rewrap_ddp(trainer.strategy)
         if self.reset_best_on_cut:
             best.start_over(trainer)
@@ -426,15 +433,19 @@ class HalfPrune(Callback):
             self.cap = retry.lifted(self.cap, ratio)  # nothing can judge this cut: it holds
         return report
 
-    def _cut(self, trainer: pl.Trainer, cuts: list[Cut], copies: list[nn.Module]) -> None:
-        """Cut the model and the EMA/SWA copies alike, and move the optimizers over: all or nothing."""
+    def _cut(self, trainer: pl.Trainer, cuts: list[Cut], copies: list[nn.Module]) -> list[Cut]:
+        """Cut the model and the EMA/SWA copies alike, and move the optimizers over: all or nothing.
 
-        def then(remap: Any) -> None:
+        Groups whose cut would break the model are left out (``cut_safely``); returns the cuts made.
+        """
+
+        def then(remap: Any, made: list[Cut]) -> None:
             example, widths = self._surgeon.example_input, self.original_widths
-            self._averages.cut(copies, cuts, example, widths, then=lambda: rebind_optimizers(trainer.optimizers, remap))
+            self._averages.cut(copies, made, example, widths, then=lambda: rebind_optimizers(trainer.optimizers, remap))
 
-        self._surgeon.cut(cuts, then=then)
+        made = cut_safely(self._surgeon, cuts, then, self.left_out)
         self.compiles.cut_made(self._surgeon.model)
+        return made
 
     def _judge_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> bool:
         """Count a validation against the cut under watch; undo the cut if the metric stayed too far down.

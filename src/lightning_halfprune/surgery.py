@@ -9,8 +9,10 @@ cumulative ratio and the widths the model had when pruning started.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,26 @@ _SKIPPED_OUTPUTS = ("past_key_values", "hidden_states", "attentions", "cross_att
 
 
 class SurgeryError(RuntimeError):
-    """Surgery could not be done; the model was left exactly as it was before."""
+    """Surgery could not be done; the model was left exactly as it was before.
+
+    ``groups`` names the coupled groups (by root layer) the failure is attributed to, where known.
+    """
+
+    def __init__(self, message: str, groups: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.groups = list(groups)
+
+
+class BrokenForward(SurgeryError):
+    """The pruned model no longer ran the example input (or changed its output's shape); the cut was undone.
+
+    ``layer`` is the innermost module whose forward was running when it failed ('' for the model itself).
+    """
+
+    def __init__(self, message: str, groups: Sequence[str] = (), layer: str | None = None, reason: str = "") -> None:
+        super().__init__(message, groups)
+        self.layer = layer
+        self.reason = reason or message  # the short form: what broke, without the advice
 
 
 @dataclass
@@ -200,12 +221,8 @@ class Surgeon:
                     customized_pruners=attn.customized_pruners(),
                     verbose=False,
                 )
-            except Exception as err:  # the user's model could not run the example input
-                raise ValueError(
-                    f"`example_input` could not be traced through {type(self.model).__name__}: "
-                    f"{type(err).__name__}: {err}. Pass an `example_input` the model's forward accepts "
-                    "(or set `example_input_array` on the LightningModule)."
-                ) from err
+            except Exception as err:
+                raise _trace_error(self.model, self.example_input, err) from err
 
     def groups(self) -> list[ChannelGroup]:
         """Every prunable coupled group, in a stable order, without those that reach the model's output.
@@ -316,26 +333,41 @@ class Surgeon:
         return {g.name: self._fit(g, keep[g.name]) if self.round_to else keep[g.name] for g, _ in scored}
 
     # ---------------------------------------------------------------- cutting
-    def cut(self, cuts: Sequence[Cut], then: Callable[[ParamRemap], None] | None = None) -> ParamRemap:
-        """Remove the channels of ``cuts``, then call ``then(remap)`` (e.g. rebind the optimizer).
+    def cut(
+        self, cuts: Sequence[Cut], then: Callable[[ParamRemap], None] | None = None, *, dry_run: bool = False
+    ) -> ParamRemap:
+        """Remove the channels of ``cuts``, check the pruned model still runs, then call ``then(remap)``.
 
-        All or nothing: if anything raises (also KeyboardInterrupt), the model's modules are put back exactly as
-        they were, the graph is dropped to be rebuilt, and the error propagates.
+        All or nothing: before anything is committed the pruned model must run ``example_input`` (eval mode, no
+        grad, RNG untouched) and return an output of the same structure and shapes as before the cut; if it does
+        not, the cut is undone and :class:`BrokenForward` names the coupled groups and the layer whose forward
+        failed. ``then`` (e.g. rebinding the optimizer) runs only after that check. If anything raises (also
+        KeyboardInterrupt), the model's modules are put back exactly as they were, the graph is dropped to be
+        rebuilt, and the error propagates. ``dry_run``: do the cut and the check, then undo it anyway.
         """
-        snapshot = _ModuleSnapshot(self.model)
+        expected = self._expected_output()
         graph = self.graph
+        members = _members(graph, self.groups())
+        snapshot, graph_snapshot = _ModuleSnapshot(self.model), _GraphSnapshot(graph, self.model)
         try:
             with _tracking_slices() as remap, graph_safe(self.model), torch.no_grad():
                 for c in cuts:
-                    self._prune_group(graph, c)
+                    _attributed(lambda c=c: self._prune_group(graph, c), c.layer)
             for old, (new, _) in remap.steps.items():
                 new.requires_grad_(old.requires_grad)
+            _check_output(expected, _structure(self._forward(cuts, members)), cuts)
+            if dry_run:
+                raise _DryRun
             if then is not None:
                 then(remap)
-        except BaseException:
+        except BaseException as err:
             snapshot.restore()
-            self._graph = None
-            raise
+            if _graph_intact(err):  # no torch-pruning call failed halfway: the graph can be put back
+                graph_snapshot.restore()
+            else:
+                self._graph = None
+            if not isinstance(err, _DryRun):
+                raise
         self._signature = _signature(self.model)
         return remap
 
@@ -349,6 +381,56 @@ class Surgeon:
         finally:
             snapshot.restore()
             self._graph, self._groups = None, None  # torch-pruning updated the graph in place: rebuild it
+
+    def ignore(self, layers: Sequence[str]) -> None:
+        """Leave the groups rooted at ``layers`` alone from now on, as if they were in ``ignored_layers``."""
+        self.ignored_layers.extend(_module_by_name(self.model, name) for name in layers)
+        self._groups = None
+
+    def _expected_output(self) -> tuple:
+        """The structure of the model's output now (cached until the parameters change): what a cut must keep."""
+        signature = _signature(self.model)
+        cached = self.__dict__.get("_expected")
+        if cached is None or cached[0] != signature:
+            self._expected = cached = (signature, _structure(self._forward()))
+        return cached[1]
+
+    def _forward(self, cuts: Sequence[Cut] = (), members: dict[str, set[str]] | None = None) -> Any:
+        """Run the example input in eval mode without grad or RNG side effects; a failure is a ``BrokenForward``."""
+        names = {m: name for name, m in self.model.named_modules()}
+        running: list[nn.Module] = []  # the modules whose forward has started and not yet returned
+
+        def leave(module: nn.Module, args: Any, out: Any) -> None:
+            running.pop()
+
+        handles = [
+            h
+            for m in names
+            for h in (m.register_forward_pre_hook(lambda m, args: running.append(m)), m.register_forward_hook(leave))
+        ]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        try:
+            with graph_safe(self.model), torch.no_grad(), torch.random.fork_rng(devices=devices):
+                self.model.eval()
+                return run_model(self.model, self.example_input)
+        except Exception as err:
+            if not cuts:
+                raise
+            layer = names.get(running[-1], "") if running else None
+            groups = _groups_touching(members or {}, cuts, layer)
+            where = f"in layer {layer!r} ({type(running[-1]).__name__})" if layer else "in the model's own forward"
+            reason = f"the forward failed {where} with {type(err).__name__}: {err}"
+            raise BrokenForward(
+                f"after removing channels from the coupled group(s) {groups} the model no longer runs "
+                f"`example_input`: {reason}. The cut was undone; the model is exactly as before. Add {groups} to "
+                "`ignored_layers` to leave these layers alone.",
+                groups,
+                layer,
+                reason,
+            ) from err
+        finally:
+            for h in handles:
+                h.remove()
 
     def _prune_group(self, graph: tp.DependencyGraph, cut: Cut) -> None:
         module = _module_by_name(self.model, cut.layer)
@@ -582,6 +664,59 @@ class _ModuleSnapshot:
             m._buffers.update(buffers)
 
 
+class _DryRun(Exception):
+    """Raised inside ``Surgeon.cut(dry_run=True)`` to take the undo path after a successful check."""
+
+
+class _GraphSnapshot:
+    """What a cut changes in torch-pruning's graph besides the model's modules: an exact, copy-free undo.
+
+    The sizes its own op nodes (concat, split, slice, output) keep, the index mappings between nodes, and the
+    entries of unwrapped parameters, which a cut replaces.
+    """
+
+    def __init__(self, graph: tp.DependencyGraph, model: nn.Module) -> None:
+        own = set(model.modules())
+        self.graph = graph
+        self.module2node, self.param_to_name = dict(graph.module2node), dict(graph._param_to_name)
+        nodes = list(self.module2node.values())
+        self.nodes = [(node, node.module) for node in nodes]
+        self.mappings = [(dep, list(dep.index_mapping)) for node in nodes for dep in node.dependencies]
+        self.ops = [
+            (node.module, {k: copy.copy(v) for k, v in vars(node.module).items() if _sizes(v)})
+            for node in nodes
+            if isinstance(node.module, nn.Module) and node.module not in own
+        ]
+
+    def restore(self) -> None:
+        self.graph.module2node.clear()
+        self.graph.module2node.update(self.module2node)
+        self.graph._param_to_name.clear()
+        self.graph._param_to_name.update(self.param_to_name)
+        for node, module in self.nodes:
+            node.module = module
+        for dep, mapping in self.mappings:
+            dep.index_mapping[:] = mapping
+        for op, state in self.ops:
+            vars(op).update({k: copy.copy(v) for k, v in state.items()})
+
+
+def _graph_intact(err: BaseException) -> bool:
+    """True unless ``err`` came from inside torch-pruning (or an interrupt), which may have left its graph halfway."""
+    return (
+        isinstance(err, _DryRun)
+        or (isinstance(err, SurgeryError) and err.__cause__ is None)
+        or isinstance(err, BrokenForward)
+    )
+
+
+def _sizes(value: Any) -> bool:
+    """Plain size bookkeeping (ints and lists of ints), as torch-pruning's op nodes keep it."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, int) for v in value)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
 @contextlib.contextmanager
 def _tracking_slices() -> Iterator[ParamRemap]:
     """Record every slice torch-pruning takes of a parameter, chaining repeated slices of the same tensor."""
@@ -614,3 +749,91 @@ def _tracking_slices() -> Iterator[ParamRemap]:
         yield remap
     finally:
         tp_function.BasePruningFunc._prune_parameter_and_grad = original
+
+
+def _trace_error(model: nn.Module, example_input: Any, err: Exception) -> Exception:
+    """Why the graph could not be built: the user's input (the model cannot run it) or torch-pruning's tracing."""
+    try:
+        with graph_safe(model), torch.no_grad():
+            model.eval()
+            run_model(model, example_input)
+    except Exception:  # the user's model could not run the example input
+        return ValueError(
+            f"`example_input` could not be traced through {type(model).__name__}: "
+            f"{type(err).__name__}: {err}. Pass an `example_input` the model's forward accepts "
+            "(or set `example_input_array` on the LightningModule)."
+        )
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "torch_pruning" in f.filename]
+    last = frames[-1] if frames else None
+    where = f" (in torch_pruning{last.filename.split('torch_pruning')[-1]}:{last.lineno}, {last.name})" if last else ""
+    return SurgeryError(
+        f"torch-pruning could not build the dependency graph of {type(model).__name__}: {type(err).__name__}: "
+        f"{err}{where}. The model runs `example_input` fine, so the error is in torch-pruning's graph tracing, not "
+        "in your input; nothing was pruned. Models it cannot trace cannot be pruned by HalfPrune."
+    )
+
+
+def _attributed(prune: Callable[[], None], group: str) -> None:
+    """Run one group's removal; any failure becomes a ``SurgeryError`` that names the group."""
+    try:
+        prune()
+    except SurgeryError as err:
+        err.groups = err.groups or [group]
+        raise
+    except Exception as err:
+        raise SurgeryError(
+            f"torch-pruning failed removing channels from the coupled group {group!r}: {type(err).__name__}: {err}",
+            [group],
+        ) from err
+
+
+def _members(graph: tp.DependencyGraph, groups: Sequence[ChannelGroup]) -> dict[str, set[str]]:
+    """Group name -> the names of every layer (and unwrapped parameter) in it."""
+    names = {**graph._module2name, **graph._param_to_name}
+    return {g.name: {g.name} | {names.get(dep.target.module, "") for dep, _ in g.group} - {""} for g in groups}
+
+
+def _groups_touching(members: dict[str, set[str]], cuts: Sequence[Cut], layer: str | None) -> list[str]:
+    """The cut groups with a member inside (or around) ``layer``; all of them if none is, or the layer is unknown."""
+    cut = [c.layer for c in cuts]
+    if not layer:
+        return cut
+
+    def near(name: str) -> bool:
+        return name == layer or name.startswith(layer + ".") or layer.startswith(name + ".")
+
+    return [g for g in cut if any(near(m) for m in members.get(g, {g}))] or cut
+
+
+def _structure(x: Any) -> tuple:
+    """What a cut must not change in the model's output: nesting, types, keys, every tensor's dtype and shape."""
+    if torch.is_tensor(x):
+        return ("tensor", str(x.dtype), tuple(x.shape))
+    if isinstance(x, (list, tuple)):
+        return ("seq", type(x).__name__, tuple(_structure(v) for v in x))
+    if isinstance(x, dict):
+        return ("map", type(x).__name__, tuple((str(k), _structure(v)) for k, v in x.items()))
+    return ("obj", type(x).__name__)  # opaque objects (e.g. a key/value cache): only their type
+
+
+def _check_output(expected: tuple, got: tuple, cuts: Sequence[Cut]) -> None:
+    if expected != got:
+        groups = [c.layer for c in cuts]
+        reason = f"the model's output changed from {_describe(expected)} to {_describe(got)}"
+        raise BrokenForward(
+            f"after removing channels from the coupled group(s) {groups} {reason}. The cut was undone; the model is "
+            "exactly as before. Add the layers the output's shape depends on to `ignored_layers`.",
+            groups,
+            reason=reason,
+        )
+
+
+def _describe(spec: tuple) -> str:
+    kind, name = spec[0], spec[1]
+    if kind == "tensor":
+        return f"tensor{list(spec[2])} {name}"
+    if kind == "seq":
+        return f"{name}({', '.join(_describe(v) for v in spec[2])})"
+    if kind == "map":
+        return f"{name}({', '.join(f'{k}={_describe(v)}' for k, v in spec[2])})"
+    return name

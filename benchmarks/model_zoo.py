@@ -1,0 +1,405 @@
+"""Model zoo: HalfPrune with default arguments on real timm, torchvision and Hugging Face models (on demand, never CI).
+
+Each model is fitted for 2 epochs of a few batches of tiny random data on CPU with
+``HalfPrune(schedule={0: 0.3, 1: 0.5})`` and six checks: the fit finishes, params drop (>= 30% at 0.5), the output
+shape is right, the loss after the cut is finite, ``load_pruned`` of the last checkpoint equals the trained module,
+and a resume from the checkpoint written after the first cut works (same final shape and losses). A model whose fit
+fails is also checked for what it was left as: untouched, or changed/broken. Every model runs in its own process with
+a timeout, so one hang does not stop the table.
+
+Needs torchvision and timm, which do not import beside the project's torch 2.13.0: run it in its own venv::
+
+    python3 -m venv /work/zoo-venv
+    /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.23.0 \\
+        lightning torchmetrics torch-pruning==1.6.1 wandb mnist1d "jsonargparse[signatures]"
+    PYTHONPATH=src nice -n 5 /work/zoo-venv/bin/python benchmarks/model_zoo.py        # -> benchmarks/model_zoo.md
+    PYTHONPATH=src /work/zoo-venv/bin/python benchmarks/model_zoo.py --only timm_vit_tiny hf_bert
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BATCH, BATCHES, EPOCHS, SEQ, VOCAB, CLASSES = 8, 3, 2, 16, 1000, 10
+
+
+def _timm(name: str, img: int, **kw):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kw)
+
+    return build, ("image", img)
+
+
+def _tv(name: str, img: int, **kw):
+    def build():
+        import torchvision
+
+        weights = {} if name == "VisionTransformer" else {"weights": None}  # the class itself takes no weights
+        return getattr(torchvision.models, name)(num_classes=CLASSES, **weights, **kw)
+
+    return build, ("image", img)
+
+
+def _hf(model_cls: str, config_cls: str, task: str, **config):
+    def build():
+        import transformers
+
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+
+    return build, (task, 32)
+
+
+TINY_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
+TINY_LM = dict(TINY_TEXT, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+
+MODELS = {
+    "timm_vit_tiny": _timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8),
+    "timm_deit_tiny": _timm("deit_tiny_patch16_224", 32, img_size=32, patch_size=8),
+    "timm_swin_tiny": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, window_size=4),
+    "timm_mixer_s16": _timm("mixer_s16_224", 64, img_size=64),
+    "timm_convnext_atto": _timm("convnext_atto", 32),
+    "timm_efficientnet_b0": _timm("efficientnet_b0", 32),
+    "timm_resnet18": _timm("resnet18", 32),
+    "timm_mobilenetv3_small_100": _timm("mobilenetv3_small_100", 32),
+    "timm_regnetx_002": _timm("regnetx_002", 32),
+    "tv_resnet18": _tv("resnet18", 32),
+    "tv_mobilenet_v2": _tv("mobilenet_v2", 32),
+    "tv_densenet121": _tv("densenet121", 32),
+    "tv_efficientnet_b0": _tv("efficientnet_b0", 32),
+    "tv_convnext_tiny": _tv("convnext_tiny", 32),
+    "tv_regnet_x_400mf": _tv("regnet_x_400mf", 32),
+    "tv_vit_2l": _tv(
+        "VisionTransformer", 32, image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
+    ),
+    "tv_swin_t": _tv("swin_t", 64),
+    "hf_bert": _hf(
+        "BertForSequenceClassification",
+        "BertConfig",
+        "text",
+        num_labels=CLASSES,
+        max_position_embeddings=64,
+        **TINY_TEXT,
+    ),
+    "hf_vit": _hf(
+        "ViTForImageClassification",
+        "ViTConfig",
+        "hf_image",
+        image_size=32,
+        patch_size=8,
+        num_labels=CLASSES,
+        **{k: v for k, v in TINY_TEXT.items() if k != "vocab_size"},
+    ),
+    "hf_gpt2_lm": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB),
+    "hf_llama_gqa": _hf("LlamaForCausalLM", "LlamaConfig", "lm", **TINY_LM),
+    "hf_qwen2_gqa": _hf("Qwen2ForCausalLM", "Qwen2Config", "lm", **TINY_LM),
+}
+
+
+# ----------------------------------------------------------------------------------------------- one model (child)
+def _module_class():
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+
+    class ZooModule(pl.LightningModule):
+        """Cross-entropy on any zoo model; images or token ids in, logits out."""
+
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            build, (self.task, img) = MODELS[name]
+            torch.manual_seed(0)
+            self.net = build()
+            self.example_input_array = _inputs(self.task, img, 2, seed=1)
+            self.losses: list[float] = []
+
+        def forward(self, x):
+            if self.task == "hf_image":
+                return self.net(pixel_values=x).logits
+            out = self.net(input_ids=x) if self.task in ("text", "lm") else self.net(x)
+            return getattr(out, "logits", out)
+
+        def loss(self, batch):
+            x, y = batch
+            logits = self(x)
+            if self.task == "lm":
+                return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            return F.cross_entropy(logits, y)
+
+        def training_step(self, batch, idx):
+            loss = self.loss(batch)
+            self.losses.append(float(loss))
+            return loss
+
+        def validation_step(self, batch, idx):
+            self.log("val_loss", self.loss(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    return ZooModule
+
+
+def _inputs(task: str, img: int, n: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if task in ("text", "lm"):
+        return torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    return torch.randn(n, 3, img, img, generator=g)
+
+
+def _loader(task: str, img: int):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = _inputs(task, img, BATCH * BATCHES, seed=2)
+    y = torch.randint(0, CLASSES, (len(x),), generator=torch.Generator().manual_seed(3))
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def _trainer(root: str, callbacks: list, epochs: int = EPOCHS):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        default_root_dir=root,
+        max_epochs=epochs,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def _checkpoints(root: str):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=root, save_top_k=-1, save_on_train_epoch_end=True, filename="{epoch}")
+
+
+def run_one(name: str) -> dict:
+    """Fit one model and run the six checks; returns the row."""
+    import torch
+
+    from lightning_halfprune import HalfPrune, load_pruned
+    from lightning_halfprune.measure import count_params
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    ZooModule = _module_class()
+    row: dict = {"model": name}
+    model = ZooModule(name)
+    task, img = model.task, MODELS[name][1][1]
+    data = _loader(task, img)
+    x = model.example_input_array
+    with torch.no_grad():
+        shape = tuple(model.eval()(x).shape)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    row["params_before"] = count_params(model)
+    root = tempfile.mkdtemp(prefix="zoo-")
+    prune = HalfPrune(schedule={0: 0.3, 1: 0.5}, verbose=False)
+    start = time.perf_counter()
+    try:
+        _trainer(root, [prune, _checkpoints(root)]).fit(model, data, data)
+    except Exception as err:
+        row["fit_seconds"] = time.perf_counter() - start
+        row["error"] = f"{type(err).__name__}: {err}"
+        row["left"] = _left_as(model, state, x)
+        row["trained_steps"] = len(model.losses)
+        return row
+    row["fit_seconds"] = time.perf_counter() - start
+    reports = prune.reports
+    row.update(
+        params_after=count_params(model),
+        macs=(reports[0].before.macs, reports[-1].after.macs) if reports else None,
+        latency=(reports[0].before.latency_ms, reports[-1].after.latency_ms) if reports else None,
+        event_seconds=reports[0].seconds if reports else None,
+    )
+    checks = {}
+    checks["fit"] = len(reports) == 2 or f"{len(reports)} prune events"
+    drop = 1 - row["params_after"] / row["params_before"]
+    checks["params"] = drop >= 0.3 or f"params dropped only {drop:.0%}"
+    with torch.no_grad():
+        out = model.eval()(x)
+    checks["shape"] = tuple(out.shape) == shape or f"output {tuple(out.shape)} != {shape}"
+    after_first = model.losses[BATCHES:]
+    with torch.no_grad():
+        final_loss = float(model.loss(next(iter(data))))
+    finite = all(map(_finite, after_first)) and _finite(final_loss)
+    checks["finite"] = finite or "non-finite loss after a cut"
+    last = os.path.join(root, f"epoch={EPOCHS - 1}.ckpt")
+    try:
+        loaded = load_pruned(ZooModule, last)
+        with torch.no_grad():
+            same = torch.equal(loaded(x), out)
+        checks["load_pruned"] = same or "load_pruned output differs"
+    except Exception as err:
+        checks["load_pruned"] = f"load_pruned: {type(err).__name__}: {str(err)[:120]}"
+    checks["resume"] = _resume(ZooModule, name, root, data, model)
+    row["checks"] = {k: v for k, v in checks.items() if v is not True}
+    row["resume_exact"] = getattr(model, "resume_exact", None)
+    return row
+
+
+def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
+    from lightning_halfprune import HalfPrune
+    from lightning_halfprune.measure import count_params
+
+    again = ZooModule(name)
+    sub = os.path.join(root, "resume")
+    try:
+        resumed = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)  # latency: no check
+        _trainer(sub, [resumed]).fit(again, data, data, ckpt_path=os.path.join(root, "epoch=0.ckpt"))
+    except Exception as err:
+        return f"resume: {type(err).__name__}: {str(err)[:120]}"
+    if count_params(again) != count_params(model):
+        return f"resume ends at {count_params(again)} params, not {count_params(model)}"
+    if not all(map(_finite, again.losses)):
+        return "resume: non-finite loss"
+    model.resume_exact = again.losses == model.losses[BATCHES:]  # dropout draws differ: exact only without it
+    return True
+
+
+def _left_as(model, state: dict, x) -> str:
+    """After a failed fit: is the model untouched, changed but running, or broken?"""
+    import torch
+
+    now = model.state_dict()
+    same = now.keys() == state.keys() and all(
+        now[k].shape == v.shape and torch.equal(now[k], v) for k, v in state.items()
+    )
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+        runs = True
+    except Exception:
+        runs = False
+    if same and runs:
+        return "model untouched"
+    shapes = all(now[k].shape == v.shape for k, v in state.items() if k in now)
+    return ("weights changed (trained)" if shapes else "pruned") + (", runs" if runs else ", BROKEN (forward fails)")
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+# ----------------------------------------------------------------------------------------------- the table (parent)
+def _fmt_n(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _cell(row: dict) -> str:
+    if "crash" in row:
+        return f"FAIL: {row['crash']}"
+    if "error" in row:
+        when = "before training" if row.get("trained_steps") == 0 else f"after {row['trained_steps']} steps"
+        return f"FAIL {when}, {row['left']}: {_short(row['error'])}"
+    if row["checks"]:
+        return "FAIL: " + "; ".join(_short(str(v)) for v in row["checks"].values())
+    return "pass (6/6)" + (", resume exact" if row.get("resume_exact") else "")
+
+
+def _short(text: str, n: int = 160) -> str:
+    line = text.replace("|", "/").replace("\n", " ").strip()
+    return line if len(line) <= n else line[: n - 3] + "..."
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | params | MACs / sample | CPU latency (batch 64) | one event | fit | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        params = f"{_fmt_n(r.get('params_before'))} -> {_fmt_n(r.get('params_after'))}"
+        macs = f"{_fmt_n(r['macs'][0])} -> {_fmt_n(r['macs'][1])}" if r.get("macs") else "-"
+        lat = r.get("latency")
+        latency = f"{lat[0]:.1f} -> {lat[1]:.1f} ms" if lat and None not in lat else "-"
+        event = f"{r['event_seconds']:.2f} s" if r.get("event_seconds") is not None else "-"
+        fit = f"{r['fit_seconds']:.0f} s" if r.get("fit_seconds") is not None else "-"
+        lines.append(f"| {r['model']} | {params} | {macs} | {latency} | {event} | {fit} | {_cell(r)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="model names (default: all)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    parser.add_argument("--keep", action="store_true", help="keep the other rows of the existing table")
+    parser.add_argument("--jobs", type=int, default=1, help="models fitted at the same time")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("model_zoo.md")))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        try:
+            row = run_one(args.child)
+        except Exception as err:
+            row = {"model": args.child, "crash": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+        print(json.dumps(row, default=str))
+        return
+    names, started = args.only or list(MODELS), time.perf_counter()
+    done: dict[str, dict] = {}
+    if args.keep and Path(args.out).with_suffix(".json").exists():  # rows of an earlier run, replaced if rerun
+        done = {row["model"]: row for row in json.loads(Path(args.out).with_suffix(".json").read_text())}
+        names = [n for n in done if n not in names] + names
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(lambda name: _run_child(name, args.timeout), args.only or list(MODELS)):
+            print(f"{row['model']}: {_cell(row)}", flush=True)
+            done[row["model"]] = row
+            _write(args.out, [done[n] for n in names if n in done], started)  # a partial table survives
+
+
+def _run_child(name: str, timeout: int) -> dict:
+    try:
+        command = [sys.executable, __file__, "--child", name]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        return json.loads(lines[-1]) if lines else {"model": name, "crash": _short(out.stderr[-400:])}
+    except subprocess.TimeoutExpired:
+        return {"model": name, "crash": f"timed out after {timeout} s"}
+
+
+def _write(out: str, rows: list[dict], started: float) -> None:
+    text = (
+        f"# Model zoo\n\n`HalfPrune(schedule={{0: 0.3, 1: 0.5}})` with default arguments, {EPOCHS} epochs of {BATCHES} "
+        f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
+        f"timm {_version('timm')}, transformers {_version('transformers')}, "
+        f"torch-pruning {_version('torch-pruning')}); "
+        f"{time.perf_counter() - started:.0f} s in all. Params and MACs per sample before the first cut -> after the "
+        "last; latency: median of 10 forward passes at batch 64 (one run each, a shared machine: indicative only); "
+        "one event: wall time of the first prune event; fit: the whole fit with its two events. "
+        "Produced by `PYTHONPATH=src python benchmarks/model_zoo.py` in the zoo venv (see the script).\n\n"
+        + table(rows)
+        + "\n"
+    )
+    Path(out).write_text(text)
+    Path(out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""A cut never leaves a broken model, and what cannot be cut shows up before the first training step.
+
+``Surgeon.cut`` already refuses (and undoes) a cut whose pruned model no longer runs the example input. This room
+decides what happens then:
+
+- ``preflight`` (at train start): dry-runs the schedule's *final* ratio - plan, cut, forward, undo (copy-free) - and
+  finds every coupled group that cannot be cut safely ("would empty a coupled layer", torch-pruning failing on it,
+  a broken forward). Those groups are left alone for the rest of the fit, as if listed in ``ignored_layers``, with
+  one warning naming them; if no group is left, the fit refuses to start and says what to put in
+  ``ignored_layers``. It plans with the L2 magnitude scorer whatever the fit's scorer is: it checks how *many*
+  channels each group loses, not which, needs no data, and leaves the scorer's state (e.g. a seeded random scorer)
+  alone. Model, optimizer and RNG state are untouched.
+- ``cut_safely`` (at each prune point): if a cut breaks the forward anyway (a failure only some widths show), the
+  groups responsible are found, left out from then on with a warning, and the rest is cut; the fit goes on. Only
+  if nothing at all can be cut does it raise, with the model and optimizer exactly as before the cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_halfprune.scoring import get_scorer
+from lightning_halfprune.surgery import BrokenForward, Cut, ParamRemap, Surgeon, SurgeryError
+
+SCORER = "l2"  # what the dry run plans with: needs no data, has no state
+MAX_LISTED = 8  # reasons listed in one message
+MAX_RATIOS = 8  # distinct ratios of a schedule dry-run at train start (the largest ones)
+
+
+class PreflightWarning(UserWarning):
+    """Some coupled groups cannot be pruned safely and are left alone for the rest of the fit."""
+
+
+def preflight(surgeon: Surgeon, ratios: Sequence[float], known: dict[str, str] | None = None) -> dict[str, str]:
+    """Dry-run a cut to each of ``ratios``; leave out (and warn once about) groups that cannot be cut safely.
+
+    Every ratio of the schedule gives other widths, and a model can break at one width but not another (a view
+    into heads breaks unless the width is a multiple of the head size), so each is tried, from the cumulative
+    original widths just as the real cut will. ``known``: groups left out earlier in this fit (before a resume).
+    Returns group name -> why it was left out. Raises ``SurgeryError`` if no prunable group is left.
+    """
+    left_out = dict(known or {})
+    surgeon.ignore(list(left_out))
+    for ratio in sorted(set(ratios), reverse=True)[:MAX_RATIOS]:
+        cuts = surgeon.plan(ratio, _guarded(get_scorer(SCORER), surgeon, left_out))
+        surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
+        cuts = [c for c in cuts if c.layer not in left_out]
+        while cuts:
+            try:
+                surgeon.cut(cuts, dry_run=True)
+                break
+            except SurgeryError as err:
+                culprits = _culprits(surgeon, cuts, err)
+            left_out.update(culprits)
+            cuts = [c for c in cuts if c.layer not in culprits]
+        surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
+    _leave_out(surgeon, left_out, before_training=True)
+    return left_out
+
+
+def cut_safely(
+    surgeon: Surgeon, cuts: Sequence[Cut], then: Callable[[ParamRemap, list[Cut]], None], left_out: dict[str, str]
+) -> list[Cut]:
+    """``surgeon.cut(cuts, then)``, leaving out the groups whose cut breaks the model; returns the cuts made.
+
+    ``then(remap, cuts_made)`` runs once the pruned model is verified (e.g. rebind optimizers, cut EMA copies alike).
+
+    The groups left out are added to ``left_out`` (kept in the callback's state, so a resume leaves them out too).
+    """
+    cuts, found = list(cuts), {}
+    while True:
+        try:
+            surgeon.cut(cuts, lambda remap, cuts=cuts: then(remap, cuts))
+            break
+        except SurgeryError as err:
+            if not err.groups:
+                raise
+            culprits = _culprits(surgeon, cuts, err)
+        found.update(culprits)
+        cuts = [c for c in cuts if c.layer not in culprits]
+    left_out.update(found)
+    _leave_out(surgeon, found, before_training=False)
+    return cuts
+
+
+def _guarded(score: Callable[[Any], Any], surgeon: Surgeon, failed: dict[str, str]) -> Callable[[Any], Any]:
+    """The scorer, but a group it fails on (torch-pruning's importance can raise) is recorded and not planned."""
+    names = {g.group: g.name for g in surgeon.groups()}
+
+    def guarded(group: Any) -> Any:
+        try:
+            return score(group)
+        except Exception as err:
+            failed[names.get(group, "?")] = f"scoring it failed: {type(err).__name__}: {err}"
+            return None
+
+    return guarded
+
+
+def _culprits(surgeon: Surgeon, cuts: Sequence[Cut], err: SurgeryError) -> dict[str, str]:
+    """Which of ``cuts`` make the model fail: after a broken forward every cut is tried alone (dry runs)."""
+    named = [c for c in cuts if c.layer in err.groups] or list(cuts)
+    if len(cuts) == 1 or not isinstance(err, BrokenForward):
+        return {c.layer: _reason(err) for c in named}
+    culprits = {}
+    for c in cuts:
+        try:
+            surgeon.cut([c], dry_run=True)
+        except SurgeryError as alone:
+            culprits[c.layer] = _reason(alone)
+    return culprits or {c.layer: _reason(err) for c in named}  # they fail only together: leave out those it names
+
+
+def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) -> None:
+    if not groups:
+        return
+    surgeon.ignore([name for name in groups if name not in _ignored(surgeon)])
+    left = [g.name for g in surgeon.groups() if g.name in surgeon.original_widths]
+    names = list(groups)
+    reasons = "\n".join(f"  - {name!r}: {why}" for name, why in list(groups.items())[:MAX_LISTED])
+    if len(groups) > MAX_LISTED:
+        reasons += f"\n  - ... and {len(groups) - MAX_LISTED} more"
+    if not left:
+        raise SurgeryError(
+            f"HalfPrune cannot prune this model safely: no coupled group can be cut without breaking it. "
+            f"{'The fit was not started' if before_training else 'Nothing was cut'}; the model is exactly as "
+            f"before.\n{reasons}\n`ignored_layers={names}` leaves these layers alone, which here leaves nothing to "
+            "prune: the layers that break must become prunable (e.g. torch-pruning told about them with a custom "
+            "pruner), or the model cannot be pruned by HalfPrune.",
+            names,
+        )
+    when = "before training" if before_training else "at this prune point"
+    rank_zero_warn(
+        f"HalfPrune leaves {len(names)} coupled group(s) alone for the rest of the fit, found {when}: cutting them "
+        f"would break the model (the model was not changed).\n{reasons}\nAdd `ignored_layers={names}` to HalfPrune "
+        "to make this explicit and skip this check.",
+        category=PreflightWarning,
+    )
+
+
+def _reason(err: SurgeryError) -> str:
+    return getattr(err, "reason", None) or str(err)
+
+
+def _ignored(surgeon: Surgeon) -> set[str]:
+    names = {m: n for n, m in surgeon.model.named_modules()}
+    return {names.get(m, "") for m in surgeon.ignored_layers}
