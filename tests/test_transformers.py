@@ -204,3 +204,29 @@ def test_a_failed_cut_undoes_attention_attributes_and_config():
     surgeon.cut([heads])
     assert attention.num_heads == 2 and attention.num_key_value_heads == 1 and model.net.config.num_attention_heads == 4
     assert model(model.example_input_array).shape == (2, 8, 64)
+
+
+def test_gpt2_called_with_its_kv_cache_on_traces_and_cuts():
+    # users call `model(input_ids=x)`; GPT-2 then builds a key/value cache whose torch.cat torch-pruning cannot follow
+    import transformers as tf
+
+    from lightning_halfprune.scoring import get_scorer
+
+    torch.manual_seed(0)
+    lm = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=32, vocab_size=64))
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = lm
+
+        def forward(self, x):
+            return self.net(input_ids=x).logits
+
+    model, x = Plain(), torch.randint(0, 64, (2, 8))
+    surgeon = Surgeon(model, x)
+    before = count_params(model)
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert lm.config.use_cache  # the user's setting is back
+    assert count_params(model) < before and model(x).shape == (2, 8, 64)
+    assert lm.lm_head.weight is lm.transformer.wte.weight

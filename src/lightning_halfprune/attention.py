@@ -22,10 +22,11 @@ replay it through the same path (``Surgeon.cut``), which also syncs the attribut
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +53,24 @@ class AttentionError(RuntimeError):
 def check_mode(attention: Any) -> None:
     if attention not in ATTENTION_MODES:
         raise ValueError(f"`attention` must be one of {ATTENTION_MODES}, got {attention!r}.")
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models with ``config.use_cache`` off for the block: their key/value cache is not traced.
+
+    The cache concatenates past and new keys (``torch.cat``), which torch-pruning's concat index mapping cannot
+    follow (GPT-2 called without ``use_cache=False`` failed to trace). Nothing is cached during tracing anyway.
+    """
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {key: config.use_cache for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config.use_cache = False
+        yield
+    finally:
+        for key, config in configs.items():
+            config.use_cache = saved[key]
 
 
 # ------------------------------------------------------------------ HF Conv1D

@@ -211,7 +211,7 @@ class Surgeon:
 
     def _build_graph(self) -> tp.DependencyGraph:
         self.graph_builds += 1
-        with graph_safe(self.model):
+        with graph_safe(self.model), attn.without_kv_cache(self.model):
             try:
                 return tp.DependencyGraph().build_dependency(
                     self.model,
