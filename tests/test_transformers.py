@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune import attention as attn  # noqa: E402
-from lightning_halfprune.measure import count_params  # noqa: E402
+from lightning_halfprune.measure import MacCounter, count_params  # noqa: E402
 from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError  # noqa: E402
 from transformer_models import Wrapper, loader  # noqa: E402
 
@@ -225,8 +225,10 @@ def test_gpt2_called_with_its_kv_cache_on_traces_and_cuts():
 
     model, x = Plain(), torch.randint(0, 64, (2, 8))
     surgeon = Surgeon(model, x)
-    before = count_params(model)
+    before, macs_before = count_params(model), MacCounter()(model, x)
+    assert macs_before > 8 * 64 * 64  # GPT-2's Conv1D layers are counted, not only the LM head
     surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
     assert lm.config.use_cache  # the user's setting is back
     assert count_params(model) < before and model(x).shape == (2, 8, 64)
+    assert MacCounter()(model, x) < macs_before
     assert lm.lm_head.weight is lm.transformer.wte.weight

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_halfprune.attention import conv1d_class
 from lightning_halfprune.surgery import graph_safe, run_model
 
 WIDTH_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
@@ -71,7 +72,7 @@ class MacCounter:
             total += _macs(module, inputs, output)
 
         handles = [
-            m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*WIDTH_TYPES, nn.ConvTranspose2d))
+            m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*WIDTH_TYPES, *_extra_types()))
         ]
         try:
             with graph_safe(model), torch.no_grad():
@@ -81,6 +82,12 @@ class MacCounter:
             for h in handles:
                 h.remove()
         return total // max(batch, 1)
+
+
+def _extra_types() -> tuple[type, ...]:  # noqa: N802
+    """Layers counted besides Conv/Linear/attention: transposed convs and Hugging Face's ``Conv1D`` (GPT-2)."""
+    conv1d = conv1d_class()
+    return (nn.ConvTranspose2d,) if conv1d is None else (nn.ConvTranspose2d, conv1d)
 
 
 def _macs(module: nn.Module, inputs: tuple, output: Any) -> int:
@@ -93,6 +100,9 @@ def _macs(module: nn.Module, inputs: tuple, output: Any) -> int:
     out = output[0] if isinstance(output, tuple) else output
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
+    conv1d = conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):  # a Linear with a transposed (in, out) weight
+        return out.numel() * module.weight.shape[0]
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
         kernel = int(torch.tensor(module.kernel_size).prod())
         return out.numel() * (module.in_channels // module.groups) * kernel
