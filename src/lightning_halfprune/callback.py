@@ -7,7 +7,7 @@ modules. State that must survive a checkpoint is in ``state_dict``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
 
@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_halfprune import averaging, best, compiled, monitor, publish, retry
+from lightning_halfprune import arguments, averaging, best, compiled, monitor, publish, retry
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune.attention import AttentionMode
 from lightning_halfprune.attention import check_mode as check_attention_mode
@@ -147,15 +147,15 @@ class HalfPrune(Callback):
         attention: AttentionMode = "heads",
         prune_hidden_size: bool = False,
     ) -> None:
-        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(_as_mapping(schedule))
+        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(arguments.as_mapping(schedule))
         check_attention_mode(attention)
         self.attention, self.prune_hidden_size = attention, bool(prune_hidden_size)
         self.scorer = get_scorer(scorer)
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         self.ignored_layers = list(ignored_layers or [])
-        _check_int("round_to", round_to, minimum=1, optional=True)
-        _check_int("scoring_batches", scoring_batches, minimum=1)
-        _check_int("latency_batch_size", latency_batch_size, minimum=0)
+        arguments.check_int("round_to", round_to, minimum=1, optional=True)
+        arguments.check_int("scoring_batches", scoring_batches, minimum=1)
+        arguments.check_int("latency_batch_size", latency_batch_size, minimum=0)
         if isinstance(max_layer_ratio, bool) or not 0.0 < max_layer_ratio < 1.0:
             raise ValueError(f"`max_layer_ratio` must be in (0, 1), got {max_layer_ratio!r}.")
         self.round_to = round_to
@@ -167,15 +167,12 @@ class HalfPrune(Callback):
         self.input_fn = input_fn
         self.scoring_batches = scoring_batches
         self.calibration_dataloader = calibration_dataloader
-        if isinstance(regularization, bool) or not isinstance(regularization, (int, float)) or regularization < 0:
-            raise ValueError(f"`regularization` must be a number >= 0, got {regularization!r}.")
-        _check_int("regularize_from", regularize_from, minimum=0)
+        arguments.check_number("regularization", regularization, 0)
+        arguments.check_int("regularize_from", regularize_from, minimum=0)
         self.regularization, self.regularize_from = float(regularization), regularize_from
         self.latency_batch_size = latency_batch_size
-        _check_int("latency_threads", latency_threads, minimum=1, optional=True)
-        budget = latency_budget_s
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-            raise ValueError(f"`latency_budget_s` must be a number > 0, got {latency_budget_s!r}.")
+        arguments.check_int("latency_threads", latency_threads, minimum=1, optional=True)
+        arguments.check_number("latency_budget_s", latency_budget_s, 0, inclusive=False)
         check_target(target)
         if target == "latency" and not latency_batch_size:
             raise ValueError("`target='latency'` times the model: `latency_batch_size` must be > 0, got 0.")
@@ -187,7 +184,7 @@ class HalfPrune(Callback):
         self.monitor = monitor
         self.verbose = verbose
         self.reset_best_on_cut = bool(reset_best_on_cut)
-        _check_guard(monitor, mode, max_drop, patience, on_violation)
+        arguments.check_guard(monitor, mode, max_drop, patience, on_violation)
         self.mode, self.max_drop, self.patience, self.on_violation = mode, max_drop, patience, on_violation
         self.guard = AccuracyGuard(mode, max_drop, patience) if monitor and max_drop is not None else None
         self.skipped: list[int] = []  # prune points undone by the guard: never redone, also not after a resume
@@ -203,8 +200,8 @@ class HalfPrune(Callback):
         self._monitor_checked = False
         self._averages = averaging.AveragedCopies()
         self.compiles = compiled.CompileCounter()  # torch.compile: compilations before the first cut, after each cut
-        _check_distill(distill_alpha, distill_temperature, distill_teacher, distill_epochs)
-        _check_int("lr_rewind", lr_rewind, minimum=0)
+        arguments.check_distill(distill_alpha, distill_temperature, distill_teacher, distill_epochs)
+        arguments.check_int("lr_rewind", lr_rewind, minimum=0)
         self.distill_teacher, self.distill_epochs, self.lr_rewind = distill_teacher, distill_epochs, lr_rewind
         self._distiller = (
             Distiller(distill_alpha, distill_temperature, distill_output_fn, distill_loss_fn) if distill_alpha else None
@@ -219,7 +216,7 @@ class HalfPrune(Callback):
             resolve_ignored(pl_module, self.ignored_layers)
         _restore_shape_before_weights_load(pl_module)
         if self._distiller is not None and stage == "fit":
-            _check_automatic_optimization(pl_module)
+            arguments.check_automatic_optimization(pl_module)
             self._distiller.attach(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -684,51 +681,6 @@ def _restore_shape_before_weights_load(pl_module: pl.LightningModule) -> None:
         original(checkpoint)
 
     pl_module.on_load_checkpoint = on_load_checkpoint
-
-
-def _check_automatic_optimization(pl_module: pl.LightningModule) -> None:
-    if not pl_module.automatic_optimization:
-        raise ValueError(
-            "HalfPrune `distill_alpha` adds a term to the loss `training_step` returns, which needs automatic "
-            "optimization; this module sets `automatic_optimization=False`. Set `distill_alpha=0` or add the "
-            "distillation term in your own training_step."
-        )
-
-
-def _check_distill(alpha: Any, temperature: Any, teacher: Any, epochs: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-        raise ValueError(f"`distill_alpha` must be a number >= 0, got {alpha!r}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"`distill_temperature` must be a number > 0, got {temperature!r}.")
-    if teacher not in ("first", "each"):
-        raise ValueError(f"`distill_teacher` must be 'first' or 'each', got {teacher!r}.")
-    _check_int("distill_epochs", epochs, minimum=0, optional=True)
-
-
-def _as_mapping(schedule: Any) -> Mapping:
-    if not isinstance(schedule, Mapping):
-        raise TypeError(f"`schedule` must be a mapping {{epoch: ratio}} or a Schedule, got {schedule!r}.")
-    return schedule
-
-
-def _check_guard(monitor: Any, mode: Any, max_drop: Any, patience: Any, on_violation: Any) -> None:
-    if mode not in ("max", "min"):
-        raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}.")
-    if on_violation not in ("stop", "halve"):
-        raise ValueError(f"`on_violation` must be 'stop' or 'halve', got {on_violation!r}.")
-    _check_int("patience", patience, minimum=1)
-    if max_drop is not None:
-        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or max_drop < 0:
-            raise ValueError(f"`max_drop` must be a number >= 0, got {max_drop!r}.")
-        if not monitor:
-            raise ValueError(f"`max_drop={max_drop}` guards a metric: also pass `monitor=` (e.g. 'val_acc').")
-
-
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
 @contextmanager
