@@ -373,14 +373,20 @@ class Surgeon:
 
     @contextlib.contextmanager
     def trial(self, cuts: Sequence[Cut]) -> Iterator[None]:
-        """Make ``cuts`` for the duration of the block (to count or time the result), then undo them exactly."""
-        snapshot = _ModuleSnapshot(self.model)
+        """Make ``cuts`` for the duration of the block (to count or time the result), then undo them exactly.
+
+        The model and torch-pruning's graph are both put back copy-free, so a search over many candidates (see
+        ``target.py``) does not rebuild the graph after each one. A cut that fails undoes itself in ``cut``.
+        """
+        graph, groups = self.graph, self._groups
+        snapshot, graph_snapshot = _ModuleSnapshot(self.model), _GraphSnapshot(graph, self.model)
+        self.cut(cuts)
         try:
-            self.cut(cuts)
             yield
         finally:
             snapshot.restore()
-            self._graph, self._groups = None, None  # torch-pruning updated the graph in place: rebuild it
+            graph_snapshot.restore()  # the cut went through whole: the graph can be put back as it was
+            self._graph, self._groups, self._signature = graph, groups, _signature(self.model)
 
     def ignore(self, layers: Sequence[str]) -> None:
         """Leave the groups rooted at ``layers`` alone from now on, as if they were in ``ignored_layers``."""
