@@ -231,8 +231,8 @@ class HalfPrune(Callback):
         publish.hyperparams(trainer, self.config())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._surgeon = self._build_surgeon(trainer, pl_module)
         with compiled.eager():  # HalfPrune's own forward passes never compile
+            self._surgeon = self._build_surgeon(trainer, pl_module)
             if not self.stopped:  # what cannot be cut safely is reported now, not after epochs of training
                 self.left_out = preflight(self._surgeon, list(self.schedule.points.values()), self.left_out)
             if not self.history:  # the original architecture: after a resume it is gone
@@ -579,10 +579,6 @@ class HalfPrune(Callback):
         publish.scalars(trainer, {"halfprune/metric_recovered": value})
 
     def _build_surgeon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Surgeon:
-        with compiled.eager():
-            return self._new_surgeon(trainer, pl_module)
-
-    def _new_surgeon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Surgeon:
         example = self._example_input(trainer, pl_module)
         surgeon = Surgeon(
             pl_module,
