@@ -85,6 +85,8 @@ def test_verdict_from_pairs():
     assert fast.ratio == pytest.approx(2.095) and fast.low > 2 and "2.09x faster side by side" in fast.label()
     noisy = verdict([(1.0, 1.0 + (0.5 if i % 2 else -0.4)) for i in range(20)], 1, 64, "cpu", 1.0)
     assert noisy.ratio is None and "straddles 1" in noisy.reason
+    same = verdict([(1.003 + 0.0001 * i, 1.0) for i in range(20)], 1, 64, "cpu", 1.0)  # a steady 0.3% bias
+    assert same.ratio is None and "within 2% of 1" in same.reason
     few = verdict([(2.0, 1.0)] * 3, 1, 64, "cpu", 1.0)
     assert few.ratio is None and "only 3 pairs" in few.reason
 

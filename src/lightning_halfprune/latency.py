@@ -31,6 +31,7 @@ from lightning_halfprune.surgery import _ModuleSnapshot, graph_safe, run_model
 MIN_PAIRS = 6
 MAX_PAIRS = 400
 MAX_SPREAD = 0.5  # width of the median's 95% CI / median above which a speed-up is not reported
+MIN_EFFECT = 0.02  # a CI that does not clear 1 by this much: the same model timed twice can be 0.3% apart
 REPEATS = 5  # blocks per sample; the fastest counts
 BLOCK_S = 0.002  # seconds of forward passes per block
 HARD_STOP = 10.0  # wall-clock seconds per budget second after which a comparison ends, measurable or not
@@ -154,6 +155,8 @@ def verdict(times: list[tuple[float, float]], threads: int, batch_size: int, dev
         reason = f"only {len(ratios)} pairs fit in the time budget"
     elif low <= 1.0 <= high:
         reason = f"the median's 95% CI {low:.2f}-{high:.2f} straddles 1"
+    elif low <= 1.0 + MIN_EFFECT and high >= 1.0 - MIN_EFFECT:
+        reason = f"the median's 95% CI {low:.3f}-{high:.3f} is within {MIN_EFFECT:.0%} of 1 (below timing resolution)"
     elif (high - low) / median > MAX_SPREAD:
         reason = f"the median's 95% CI {low:.2f}-{high:.2f} is too wide"
     return SpeedUp(
