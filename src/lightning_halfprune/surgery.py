@@ -26,6 +26,7 @@ from torch_pruning import ops
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune import attention as attn
+from lightning_halfprune.group_search import all_groups
 
 ROOT_TYPES = (ops.TORCH_CONV, ops.TORCH_LINEAR)
 _SKIPPED_OUTPUTS = ("past_key_values", "hidden_states", "attentions", "cross_attentions")
@@ -241,7 +242,7 @@ class Surgeon:
         roots = ROOT_TYPES + tuple(attn.customized_pruners())
         holders = _shared_parameter_holders(self.model)
         found = []
-        for group in graph.get_all_groups(ignored_layers=not_roots, root_module_types=roots):
+        for group in all_groups(graph, self.model, not_roots, roots):
             if _reaches_output(graph, group) or _inconsistent(graph, group) or _unties(graph, group, holders):
                 continue
             if outputs and not self.prune_hidden_size and _prunes_out(graph, group, outputs):
