@@ -90,6 +90,38 @@ def test_fit_prunes_whole_heads(tmp_path, kind):
         assert tied(model)
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_hf_config_follows_the_cuts(tmp_path, kind):
+    """Head counts and the MLP width in the HF config are the pruned ones (GPT-2: `n_inner`, None meant 4x)."""
+    def mlp(net):
+        return {
+            "bert": lambda: net.bert.encoder.layer[0].intermediate.dense.out_features,
+            "gpt2": lambda: net.transformer.h[0].mlp.c_fc.nf,
+            "llama": lambda: net.model.layers[0].mlp.up_proj.out_features,
+        }[kind]()
+
+    model, _ = fit(tmp_path, kind, epochs=2)
+    net, config = model.net, model.net.config
+    assert mlp(net) < mlp(Wrapper(kind).net)
+    assert (config.n_inner if kind == "gpt2" else config.intermediate_size) == mlp(net)
+    assert config.num_attention_heads == attn.find_attention(net)[0].num_heads < 4
+
+
+def test_pruned_llama_saves_and_reloads_with_from_pretrained(tmp_path):
+    """Llama's config can describe the pruned shapes (it has `head_dim`): `save_pretrained` -> `from_pretrained`.
+
+    BERT and GPT-2 derive the head size from `hidden_size / num_heads`, so fewer heads cannot be written in their
+    configs; they are reloaded with `load_pruned` (README, Transformers).
+    """
+    model, _ = fit(tmp_path, "llama", epochs=2)
+    net = model.net.eval()
+    net.save_pretrained(tmp_path / "pruned")
+    reloaded = type(net).from_pretrained(tmp_path / "pruned").eval()
+    ids = model.example_input_array
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, net(ids).logits)
+
+
 def test_head_dim_mode_cuts_same_offsets_in_every_head(tmp_path):
     model, cb = fit(tmp_path, "vit_block", epochs=2, attention="head_dim")
     for spec, channels in attention_cuts(model, cb)[:2]:

@@ -459,26 +459,3 @@ def sync(spec: AttentionSpec, heads: int, kv: int, head_dim: int) -> None:
     # also on the module itself, so that finding it again does not read a shared config (Llama keeps none)
     m.num_heads, m.num_key_value_heads, m.head_dim = heads, kv, head_dim
     spec.num_heads, spec.num_kv_heads, spec.head_dim = heads, kv, head_dim
-
-
-def sync_configs(specs: Sequence[AttentionSpec]) -> None:
-    """Hugging Face configs shared by attention modules: head counts written where every layer agrees.
-
-    A config whose layers were cut differently (global pruning) keeps its numbers; the modules' own attributes,
-    which forward reads, are right in any case.
-    """
-    by_config: dict[int, tuple[Any, list[AttentionSpec]]] = {}
-    for s in specs:
-        config = getattr(s.module, "config", None)
-        if config is not None and not isinstance(config, nn.Module):
-            by_config.setdefault(id(config), (config, []))[1].append(s)
-    for config, members in by_config.values():
-        shapes = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in members}
-        if len(shapes) != 1:
-            continue
-        heads, kv, head_dim = shapes.pop()
-        for n, value in (("num_attention_heads", heads), ("num_key_value_heads", kv), ("n_head", heads)):
-            if isinstance(getattr(config, n, None), int):
-                setattr(config, n, value)
-        if isinstance(getattr(config, "head_dim", None), int):
-            config.head_dim = head_dim

@@ -26,6 +26,7 @@ from torch_pruning import ops
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune import attention as attn
+from lightning_halfprune import hf_config
 from lightning_halfprune.group_search import all_groups
 
 ROOT_TYPES = (ops.TORCH_CONV, ops.TORCH_LINEAR)
@@ -447,7 +448,7 @@ class Surgeon:
                 attn.prune(spec, cut.channels)
             except attn.AttentionError as err:
                 raise SurgeryError(str(err)) from err
-            attn.sync_configs(attn.find_attention(self.model))
+            hf_config.sync(self.model)
             self._graph = None  # the graph's split sizes inside attention are stale: rebuilt before the next use
             return
         if module not in graph.module2node:
@@ -468,6 +469,7 @@ class Surgeon:
                   if isinstance(dep.target.module, nn.MultiheadAttention)}
         group.prune(record_history=False)
         _sync_hidden_dim(self.model, widths)
+        hf_config.sync(self.model)
 
 
 # -------------------------------------------------------------------- helpers

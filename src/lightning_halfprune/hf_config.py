@@ -1,0 +1,77 @@
+"""Hugging Face configs follow the cuts: head counts, MLP width and hidden size, where every layer agrees.
+
+A pruned module's forward reads its own attributes (``attention.sync`` keeps those right); the config is what
+``save_pretrained`` writes and ``from_pretrained`` builds from, so it must describe the pruned shapes too. A field whose
+layers ended with different widths (global pruning) cannot be one number: it keeps its value, and the model is
+reloaded with ``load_pruned`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from lightning_halfprune import attention as attn
+
+# the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
+_MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")
+
+
+def sync(model: nn.Module) -> None:
+    """Write the current widths of ``model`` into every Hugging Face config inside it."""
+    for owner, config in _configs(model):
+        _sync_heads(config, [s for s in attn.find_attention(owner) if getattr(s.module, "config", config) is config])
+        _sync_mlp(config, owner)
+        _sync_hidden(config, owner)
+
+
+def _configs(model: nn.Module) -> Iterable[tuple[nn.Module, Any]]:
+    """(the outermost module holding it, config) for each distinct config object."""
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or isinstance(config, nn.Module) or not hasattr(config, "to_dict") or id(config) in seen:
+            continue
+        seen.add(id(config))
+        yield module, config
+
+
+def _set_if_agreed(config: Any, names: tuple[str, ...], values: set[int]) -> None:
+    if len(values) != 1:
+        return
+    value = values.pop()
+    for n in names:
+        if isinstance(getattr(config, n, None), int):
+            setattr(config, n, value)
+
+
+def _sync_heads(config: Any, specs: list[attn.AttentionSpec]) -> None:
+    shapes = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in specs}
+    if len(shapes) != 1:
+        return
+    heads, kv, head_dim = shapes.pop()
+    _set_if_agreed(config, ("num_attention_heads", "n_head"), {heads})
+    _set_if_agreed(config, ("num_key_value_heads",), {kv})
+    _set_if_agreed(config, ("head_dim",), {head_dim})
+
+
+def _sync_mlp(config: Any, owner: nn.Module) -> None:
+    widths = {attn.out_width(m) for name, m in owner.named_modules() if name.endswith(_MLP_UP)} - {None}
+    if len(widths) != 1:
+        return
+    width = next(iter(widths))
+    _set_if_agreed(config, ("intermediate_size", "ffn_dim", "n_inner"), {width})
+    if getattr(config, "n_inner", 0) is None and width != 4 * getattr(config, "n_embd", 0):  # GPT-2: None = 4x
+        config.n_inner = width
+
+
+def _sync_hidden(config: Any, owner: nn.Module) -> None:
+    embeddings = getattr(owner, "get_input_embeddings", None)
+    try:
+        layer = embeddings() if callable(embeddings) else None
+    except (NotImplementedError, AttributeError):
+        layer = None
+    if isinstance(layer, nn.Embedding):
+        _set_if_agreed(config, ("hidden_size", "n_embd", "d_model"), {layer.weight.shape[1]})
