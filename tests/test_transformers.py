@@ -264,3 +264,19 @@ def test_gpt2_called_with_its_kv_cache_on_traces_and_cuts():
     assert count_params(model) < before and model(x).shape == (2, 8, 64)
     assert MacCounter()(model, x) < macs_before
     assert lm.lm_head.weight is lm.transformer.wte.weight
+
+
+def test_kept_embeddings_that_cap_the_params_drop_are_announced(caplog):
+    """A transformer whose embeddings hold most params: the user is told why params cannot fall by half."""
+    import transformers as tf
+
+    from lightning_halfprune.preflight import note_kept_embeddings
+
+    net = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_head=4, n_layer=1, n_positions=32, vocab_size=2000))
+    with caplog.at_level("INFO"):
+        note_kept_embeddings(Surgeon(net, torch.ones(1, 8, dtype=torch.long)), 0.5)
+    assert "keeps the embeddings (" in caplog.text and "`prune_hidden_size=True`" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        note_kept_embeddings(Surgeon(net, torch.ones(1, 8, dtype=torch.long), prune_hidden_size=True), 0.5)
+    assert "keeps the embeddings" not in caplog.text

@@ -28,7 +28,7 @@ from lightning_halfprune.distributed import agreed, check_strategy, from_rank_ze
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.latency import SideBySide, SpeedUp
 from lightning_halfprune.measure import MacCounter, count_params, layer_widths
-from lightning_halfprune.preflight import cut_safely, preflight
+from lightning_halfprune.preflight import cut_safely, note_kept_embeddings, preflight
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -237,6 +237,7 @@ class HalfPrune(Callback):
                 self.left_out = preflight(self._surgeon, list(self.schedule.points.values()), self.left_out)
             if not self.history:  # the original architecture: after a resume it is gone
                 self._speed.keep_original(pl_module)
+                note_kept_embeddings(self._surgeon, max(self.schedule.points.values(), default=0.0))
             self._targeter = self._build_targeter(pl_module)
         self._catch_up(trainer, pl_module)
         if self._distiller is not None and self.history and self._last_point_passed(trainer):

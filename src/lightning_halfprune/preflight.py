@@ -20,14 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
+from lightning_halfprune import attention as attn
 from lightning_halfprune.scoring import get_scorer
 from lightning_halfprune.surgery import BrokenForward, Cut, ParamRemap, Surgeon, SurgeryError
 
 SCORER = "l2"  # what the dry run plans with: needs no data, has no state
 MAX_LISTED = 8  # reasons listed in one message
 MAX_RATIOS = 8  # distinct ratios of a schedule dry-run at train start (the largest ones)
+EMBEDDING_NOTE = 0.3  # share of the params in kept embeddings from which the user is told
 
 
 class PreflightWarning(UserWarning):
@@ -59,6 +62,22 @@ def preflight(surgeon: Surgeon, ratios: Sequence[float], known: dict[str, str] |
         surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
     _leave_out(surgeon, left_out, before_training=True)
     return left_out
+
+
+def note_kept_embeddings(surgeon: Surgeon, ratio: float) -> None:
+    """Say so when kept embeddings (``prune_hidden_size=False``) cap how far a transformer's params can fall."""
+    model = surgeon.model
+    if surgeon.prune_hidden_size or not attn.find_attention(model):
+        return
+    tensors = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)}
+    total = sum(p.numel() for p in model.parameters())
+    share = sum(tensors.values()) / max(total, 1)
+    if share >= EMBEDDING_NOTE:
+        rank_zero_info(
+            f"HalfPrune keeps the embeddings ({share:.0%} of the params) and the residual stream width they set: at "
+            f"ratio {ratio:g} the params can fall by at most about {(1 - share) * ratio:.0%}. "
+            "`prune_hidden_size=True` cuts them too."
+        )
 
 
 def cut_safely(
