@@ -373,16 +373,13 @@ class HalfPrune(Callback):
                 "`max_layer_ratio` floor, or rounded by `round_to`): no prune event."
             )
             return None
-        if self._distiller is not None and (self.distill_teacher == "each" or not self._distiller.active):
+        if self._teacher_due():
             with _timed(timings, "teacher"):
                 self._distiller.take_teacher(pl_module)
         with _timed(timings, "cut"):
             cuts = self._cut(trainer, cuts, copies)
             rewrap_ddp(trainer.strategy)
-        if self.reset_best_on_cut:
-            best.start_over(trainer)
-        if self.lr_rewind:
-            self._rewinder.rewind(trainer, self.lr_rewind)
+        self._restart_after_cut(trainer)
         with _timed(timings, "measure"):
             after = self._stats(pl_module)
             metric_after_cut = mean_over_ranks(trainer.strategy, self._evaluate(trainer, pl_module))
@@ -392,16 +389,7 @@ class HalfPrune(Callback):
             aim = self._reached(pl_module, aim, speed)
         if speed is not None:
             before.latency_ms, after.latency_ms = speed.old_ms, speed.new_ms
-        self.history.append(
-            {
-                "point": point,
-                "interval": self.schedule.interval,
-                "ratio": ratio,
-                "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step,
-                "cuts": [c.to_list() for c in cuts],
-            }
-        )
+        self._remember(trainer, point, ratio, cuts)
         report = PruneReport(
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
@@ -420,16 +408,43 @@ class HalfPrune(Callback):
         with _timed(timings, "log"):
             publish.event(trainer, report, len(self.reports), self.verbose)
         report.seconds = time.perf_counter() - start
-        report = from_rank_zero(trainer.strategy, report)
-        self.reports.append(report)
+        self.reports.append(from_rank_zero(trainer.strategy, report))
+        self._watch(snapshot, metric_before, ratio)
+        return self.reports[-1]
+
+    def _teacher_due(self) -> bool:
+        """The model before this cut becomes the teacher: at the first cut, or at each one (``"each"``)."""
+        return self._distiller is not None and (self.distill_teacher == "each" or not self._distiller.active)
+
+    def _restart_after_cut(self, trainer: pl.Trainer) -> None:
+        """What starts over with the smaller model: the best-checkpoint ranking, the LR schedule (rewound)."""
+        if self.reset_best_on_cut:
+            best.start_over(trainer)
+        if self.lr_rewind:
+            self._rewinder.rewind(trainer, self.lr_rewind)
+
+    def _remember(self, trainer: pl.Trainer, point: int, ratio: float, cuts: list[Cut]) -> None:
+        """The event in the history that checkpoints carry and ``load_pruned`` replays."""
+        self.history.append(
+            {
+                "point": point,
+                "interval": self.schedule.interval,
+                "ratio": ratio,
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "cuts": [c.to_list() for c in cuts],
+            }
+        )
+
+    def _watch(self, snapshot: ModelSnapshot | None, metric_before: float | None, ratio: float) -> None:
+        """Arm the accuracy guard on this cut; a cut nothing can judge holds (the retry cap is lifted)."""
         if snapshot is not None and metric_before is not None:
             previous = self.history[-2]["ratio"] if len(self.history) > 1 else 0.0
             self.guard.arm(
                 Watch(snapshot, metric_before, len(self.history) - 1, len(self.reports) - 1, previous, ratio)
             )
         else:
-            self.cap = retry.lifted(self.cap, ratio)  # nothing can judge this cut: it holds
-        return report
+            self.cap = retry.lifted(self.cap, ratio)
 
     def _cut(self, trainer: pl.Trainer, cuts: list[Cut], copies: list[nn.Module]) -> list[Cut]:
         """Cut the model and the EMA/SWA copies alike, and move the optimizers over: all or nothing.
