@@ -316,8 +316,8 @@ def render(runs: dict, tasks: list[str], seeds: list[int], quick: bool, levers: 
         lines += [
             f"### {name} ({WIDTH[task]} channels, {epochs} epochs every row, {len(seeds)} seed(s))",
             "",
-            f"Data: {data}. HalfPrune rows cut at the start of epochs {cuts} (0-based; cubic, the main job's shape), "
-            f"so {epochs - 1 - max(_cubic(epochs, 0.5).points)} epochs of recovery follow the last cut.",
+            f"Data: {data}. HalfPrune's prune points: the end of epochs {cuts} (0-based; cubic, the main job's "
+            f"shape), so {epochs - 1 - max(_cubic(epochs, 0.5).points)} epochs of recovery follow the last one.",
             "",
             "| ratio | variant | test acc (mean ± std) | vs dense (points) | params | MACs / sample | MACs reduction "
             "| latency ms @256, side by side (median [min-max]) | teacher MB | distill s | wall s |",
