@@ -31,8 +31,14 @@ RUNS = os.path.join(HERE, "recovery_runs.jsonl")
 TEACHERS = os.path.join(HERE, ".recovery_teachers")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 ALPHA, TEMPERATURE, REWIND = 1.0, 2.0, 2  # the recipe: examples/recipe_distill.yaml
-EPOCHS = {"mnist1d": 20, "fmnist": 5}
+EPOCHS = {"mnist1d": 20, "fmnist": 15}
 QUICK_EPOCHS = {"mnist1d": 5, "fmnist": 2}
+# the data size: MNIST-1D samples generated (the data module splits them); Fashion-MNIST training images taken from
+# the training file (then 2k validation images after them; the test set is the full 10k test file)
+DATA = {"mnist1d": 5000, "fmnist": 12000}
+QUICK_DATA = {"mnist1d": 1000, "fmnist": 3000}
+# runs recorded before the data size was part of a run's record (Fashion-MNIST then: 4k training images, 5 epochs)
+LEGACY_DATA = {("mnist1d", False): 5000, ("mnist1d", True): 1000, ("fmnist", False): 4000, ("fmnist", True): 3000}
 WIDTH = {"mnist1d": 64, "fmnist": 32}
 
 # variant -> (label, what it is)
@@ -64,13 +70,18 @@ def _fmnist_arrays(split: str):
     return x, y
 
 
-def _fmnist_data(quick: bool):
+def _protocol(task: str, quick: bool) -> tuple[int, int]:
+    """(epochs, data size) of the current protocol; runs are recorded and looked up under it."""
+    return (QUICK_EPOCHS if quick else EPOCHS)[task], (QUICK_DATA if quick else DATA)[task]
+
+
+def _fmnist_data(n: int):
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     class FashionMNIST(pl.LightningDataModule):
-        """A fixed subset: 4k training, 2k validation images of the training file; the full 10k test file."""
+        """A fixed subset: ``n`` training, then 2k validation images of the shuffled training file; full test file."""
 
         def setup(self, stage=None):
             if hasattr(self, "train_set"):
@@ -78,7 +89,6 @@ def _fmnist_data(quick: bool):
             x, y = _fmnist_arrays("train")
             xt, yt = _fmnist_arrays("t10k")
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-            n = 3000 if quick else 4000
             norm = lambda a: (torch.as_tensor(a, dtype=torch.float32) / 255 - 0.286) / 0.353  # noqa: E731
             x, y = norm(x)[order], torch.as_tensor(y, dtype=torch.long)[order]
             self.train_set = TensorDataset(x[:n], y[:n])
@@ -140,8 +150,8 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     pl.seed_everything(seed, verbose=False)
-    epochs = (QUICK_EPOCHS if quick else EPOCHS)[task]
-    data = MNIST1DDataModule(num_samples=1000 if quick else 5000) if task == "mnist1d" else _fmnist_data(quick)
+    epochs, size = _protocol(task, quick)
+    data = MNIST1DDataModule(num_samples=size) if task == "mnist1d" else _fmnist_data(size)
     full = WIDTH[task]
     width = full if variant == "dense" or variant.startswith("hp") else round(full * (1 - ratio))
     model = _model(task, width)
@@ -156,8 +166,8 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
     elif variant.startswith("hp"):
         if variant.endswith("oneshot"):
             schedule = Schedule.one_shot(at=epochs * 2 // 5, ratio=ratio)
-        else:  # the main job's schedule: cubic from 1/5 to 1/2 of the fit
-            schedule = Schedule.cubic(start=epochs // 5, end=epochs // 2, ratio=ratio, every=max(1, epochs // 10))
+        else:
+            schedule = _cubic(epochs, ratio)
         prune = HalfPrune(
             schedule,
             scorer="taylor" if variant.endswith("taylor") else "l2",
@@ -190,6 +200,7 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
         "ratio": ratio,
         "seed": seed,
         "epochs": epochs,
+        "data_size": size,
         "quick": quick,
         "test_acc": test_acc,
         "params": count_params(model),
@@ -202,13 +213,27 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
     }
 
 
+def _cubic(epochs: int, ratio: float):
+    """The main job's schedule: cubic from 1/5 to 1/2 of the fit, a cut every 1/10 (at least every epoch)."""
+    from lightning_halfprune import Schedule
+
+    return Schedule.cubic(start=epochs // 5, end=epochs // 2, ratio=ratio, every=max(1, epochs // 10))
+
+
 def _teacher_path(task: str, seed: int, quick: bool) -> str:
-    return os.path.join(TEACHERS, f"{task}_{seed}{'_quick' if quick else ''}.pt")
+    epochs, size = _protocol(task, quick)
+    return os.path.join(TEACHERS, f"{task}_{seed}_{epochs}ep_{size}{'_quick' if quick else ''}.pt")
 
 
 # ---------------------------------------------------------------------------------------------- the table (parent)
 def _key(r: dict) -> tuple:
-    return (r["task"], r["variant"], r["ratio"], r["seed"], r["quick"])
+    """A run's key: the protocol (epochs, data size) is part of it, so runs of an older protocol never mix in."""
+    size = r.get("data_size", LEGACY_DATA[r["task"], r["quick"]])
+    return (r["task"], r["variant"], r["ratio"], r["seed"], r["quick"], r["epochs"], size)
+
+
+def _k(task: str, variant: str, ratio: float, seed: int, quick: bool) -> tuple:
+    return (task, variant, ratio, seed, quick, *_protocol(task, quick))
 
 
 def _load() -> dict[tuple, dict]:
@@ -233,10 +258,15 @@ def _run(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dict:
 def _plan(tasks: list[str], seeds: list[int], levers: bool) -> list[tuple[str, str, float]]:
     """What runs, most needed first (the table renders whatever has finished)."""
     plan = []
-    for task in tasks:
-        plan.append((task, "dense", 0.0))
+    if "mnist1d" in tasks:
+        plan.append(("mnist1d", "dense", 0.0))
         for ratio in (0.5, 0.75):
-            plan += [(task, v, ratio) for v in ("hp_kd", "hp", "scratch", "scratch_kd")]
+            plan += [("mnist1d", v, ratio) for v in ("hp_kd", "hp", "scratch", "scratch_kd")]
+    if "fmnist" in tasks:  # the default recipe (no lever) against dense and scratch first, then the best lever
+        plan.append(("fmnist", "dense", 0.0))
+        plan += [("fmnist", v, 0.5) for v in ("hp", "scratch", "hp_kd_short")]
+        plan += [("fmnist", v, 0.75) for v in ("hp", "scratch", "hp_kd_short")]
+        plan += [("fmnist", v, r) for r in (0.5, 0.75) for v in ("hp_kd", "scratch_kd")]
     if "mnist1d" in tasks:
         plan += [("mnist1d", v, 0.5) for v in ("hp_kd_rw", "hp_kd_each", "hp_rw", "hp_kd_short")]
         plan += [("mnist1d", "hp_kd_short", 0.75)]
@@ -271,22 +301,34 @@ def render(runs: dict, tasks: list[str], seeds: list[int], quick: bool, levers: 
     lines = []
     for task in tasks:
         latency = latency_side_by_side(task)
-        dense = [runs[k] for k in runs if k[:2] == (task, "dense") and k[3] in seeds and k[4] == quick]
+        dense = [runs[k] for k in (_k(task, "dense", 0.0, s, quick) for s in seeds) if k in runs]
         if not dense:
             continue
         ref_acc, ref_macs = _mean_std([r["test_acc"] for r in dense])[0], dense[0]["macs"]
         name = {"mnist1d": "MNIST-1D, 1-D CNN of the main job", "fmnist": "Fashion-MNIST, small 2-D CNN"}[task]
+        epochs, size = _protocol(task, quick)
+        data = (
+            f"{size:,} samples"
+            if task == "mnist1d"
+            else f"{size:,} training / 2,000 validation images of the training file, the full 10,000 test images"
+        )
+        cuts = ", ".join(map(str, sorted(_cubic(epochs, 0.5).points)))
         lines += [
-            f"### {name} ({WIDTH[task]} channels, {dense[0]['epochs']} epochs every row, {len(seeds)} seed(s))",
+            f"### {name} ({WIDTH[task]} channels, {epochs} epochs every row, {len(seeds)} seed(s))",
+            "",
+            f"Data: {data}. HalfPrune's prune points: the end of epochs {cuts} (0-based; cubic, the main job's "
+            f"shape), so {epochs - 1 - max(_cubic(epochs, 0.5).points)} epochs of recovery follow the last one.",
             "",
             "| ratio | variant | test acc (mean ± std) | vs dense (points) | params | MACs / sample | MACs reduction "
             "| latency ms @256, side by side (median [min-max]) | teacher MB | distill s | wall s |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        skipped: list[str] = []
         for t, variant, ratio in _plan([task], seeds, levers):
-            rows = [runs.get((t, variant, ratio, s, quick)) for s in seeds]
+            rows = [runs.get(_k(t, variant, ratio, s, quick)) for s in seeds]
             rows = [r for r in rows if r is not None]
             if not rows:
+                skipped.append(f"{ratio:g} {VARIANTS[variant]} (`{variant}`)")
                 continue
             acc = _mean_std([r["test_acc"] for r in rows])
             lat = latency.get(rows[0]["macs"])
@@ -298,6 +340,8 @@ def render(runs: dict, tasks: list[str], seeds: list[int], quick: bool, levers: 
                 f"| {rows[0]['teacher_bytes'] / 1e6:.2f} | {_mean_std([r['distill_seconds'] for r in rows])[0]:.1f} "
                 f"| {_mean_std([r['wall_seconds'] for r in rows])[0]:.1f} |"
             )
+        if skipped:
+            lines += ["", "Skipped (not run for lack of time): " + "; ".join(skipped) + "."]
         lines.append("")
     return "\n".join(lines)
 
@@ -311,6 +355,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 torch thread each)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
     parser.add_argument("--render-only", action="store_true", help="write the table from the runs recorded so far")
+    parser.add_argument("--note", default="", help="a sentence for the header (how and when the runs were made)")
     parser.add_argument("--out", default=None, help="default benchmarks/recovery.md (quick: recovery_quick.md)")
     args = parser.parse_args()
     if args.fresh and os.path.exists(RUNS):
@@ -322,19 +367,27 @@ def main() -> None:
     plan = _plan(args.tasks, seeds, levers)
     order = sorted(range(len(plan)), key=lambda i: (plan[i][1] != "dense", plan[i][0] != "mnist1d", i))
     plan_in_order = [plan[i] for i in order]
-    todo = [(t, v, r, s) for t, v, r in plan_in_order for s in seeds if (t, v, r, s, args.quick) not in runs]
+    todo = [(t, v, r, s) for t, v, r in plan_in_order for s in seeds if _k(t, v, r, s, args.quick) not in runs]
     todo = [] if args.render_only else [x for x in todo if args.only is None or x[1] in args.only]
     with ThreadPoolExecutor(args.jobs) as pool:  # started in order: the dense runs (scratch_kd's teachers) first
         list(pool.map(lambda x: _run(*x, args.quick), todo))
     runs = _load()
+    made = (
+        f"Rendered by `python benchmarks/recovery.py{' --quick' if args.quick else ''} --render-only` from the runs "
+        "recorded in `benchmarks/recovery_runs.jsonl`"
+        if args.render_only
+        else f"Made by `python benchmarks/recovery.py{' --quick' if args.quick else ''} --jobs {args.jobs}` "
+        f"({time.time() - start:.0f} s for the runs not yet recorded)"
+    )
     text = "\n".join(
         [
-            f"Made by `python benchmarks/recovery.py{' --quick' if args.quick else ''} --jobs {args.jobs}` "
-            f"({time.time() - start:.0f} s for the runs not yet recorded) on {platform.machine()}, "
-            f"{os.cpu_count()} cores shared with other work, torch 1 thread per run. Distillation: alpha={ALPHA}, "
-            f"T={TEMPERATURE}; LR rewinding {REWIND} epochs. HalfPrune rows use the main job's cubic schedule (from "
-            "1/5 to 1/2 of the fit, every 1/10); teacher MB = its params + buffers; distill s = time in teacher "
-            "forwards and the KL term; wall s = fit time (training only; runs in parallel share the cores).",
+            f"{made} on {platform.machine()}, {os.cpu_count()} cores shared with other work, torch 1 thread per run. "
+            + (args.note + " " if args.note else "")
+            + f"Distillation: alpha={ALPHA}, T={TEMPERATURE}; LR rewinding {REWIND} epochs. HalfPrune rows use the "
+            "main job's cubic schedule (from 1/5 to 1/2 of the fit, every 1/10 or every epoch); teacher MB = its "
+            "params + buffers; distill s = time in teacher forwards and the KL term; wall s = fit time (training "
+            "only; runs in parallel share the cores). Latency: the dense, half and quarter width nets timed side by "
+            "side in one process at render time (7 interleaved rounds of 20 forward passes at batch 256, 1 thread).",
             "",
             render(runs, args.tasks, seeds, args.quick, levers),
         ]
