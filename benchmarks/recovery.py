@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "recovery_runs.jsonl")
 TEACHERS = os.path.join(HERE, ".recovery_teachers")
 FMNIST = "/usr/share/datasets/fashion-mnist"
-ALPHA, TEMPERATURE, REWIND = 1.0, 2.0, 2  # the recipe: examples/recipe_distill.yaml
+ALPHA, TEMPERATURE, REWIND = 1.0, 2.0, 2  # distillation as in examples/recipe_recovery.yaml
 EPOCHS = {"mnist1d": 20, "fmnist": 15}
 QUICK_EPOCHS = {"mnist1d": 5, "fmnist": 2}
 # the data size: MNIST-1D samples generated (the data module splits them); Fashion-MNIST training images taken from

@@ -237,10 +237,10 @@ def test_bf16_mixed_distills_in_float32(tmp_path):
 def test_the_recipe_config_runs_from_the_command_line(tmp_path):
     from test_cli import ROOT, SHORT, halfprune
 
-    recipe, env = ROOT / "examples" / "recipe_distill.yaml", {"PYTHONPATH": str(ROOT / "src")}
+    recipe, env = ROOT / "examples" / "recipe_recovery.yaml", {"PYTHONPATH": str(ROOT / "src")}
     out = halfprune(tmp_path, "fit", f"--config={recipe}", *SHORT, "--trainer.logger=false", env_extra=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HalfPrune summary: 2 prune event(s)" in out.stdout + out.stderr
     printed = halfprune(tmp_path, "fit", f"--config={recipe}", "--print_config", env_extra=env)
     args = __import__("yaml").safe_load(printed.stdout)["halfprune"]["init_args"]
-    assert args["distill_alpha"] > 0 and args["distill_teacher"] in ("first", "each")
+    assert args["distill_alpha"] > 0 and args["distill_teacher"] == "each" and args["distill_epochs"] == 2
