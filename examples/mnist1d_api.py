@@ -16,7 +16,15 @@ if __name__ == "__main__":
     os.environ.setdefault("WANDB_MODE", "offline")
     pl.seed_everything(0)
     model, data = CNN1D(channels=64), MNIST1DDataModule()
-    prune = HalfPrune(schedule=Schedule.cubic(start=4, end=10, ratio=0.5, every=2), scorer="l2", monitor="val_acc")
+    prune = HalfPrune(
+        schedule=Schedule.cubic(start=4, end=10, ratio=0.5, every=2),
+        scorer="l2",
+        monitor="val_acc",
+        distill_alpha=1.0,  # the recovery recipe: the model before each cut teaches the pruned one ...
+        distill_temperature=2.0,
+        distill_teacher="each",
+        distill_epochs=2,  # ... until 2 epochs after the last cut
+    )
     trainer = pl.Trainer(
         max_epochs=20,
         accelerator="cpu",
