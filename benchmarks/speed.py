@@ -127,7 +127,7 @@ def run(task: str, target: str, epochs: int, schedule: Schedule) -> str:
         aimed = f"{aim.goal:.1%} -> {aim.reached:.1%}"
     speed = prune.final_speed
     shown = "-" if speed is None else speed.label().replace(" side by side", "")
-    ms = "-" if speed is None else f"{speed.old_ms:.3f} -> {speed.new_ms:.3f}"
+    ms = "-" if speed is None or speed.old_ms is None else f"{speed.old_ms:.3f} -> {speed.new_ms:.3f}"
     return (
         f"| {task} | `{target}` 0.5 | {aimed} | {count_params(model) / params0:.1%} "
         f"| {MacCounter()(model, example) / macs0:.1%} | {ms} | {shown} | {acc:.4f} | {wall:.0f} |"

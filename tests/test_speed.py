@@ -91,6 +91,16 @@ def test_verdict_from_pairs():
     assert few.ratio is None and "only 3 pairs" in few.reason
 
 
+def test_a_model_too_slow_for_one_pair_reads_not_measured_not_nan():
+    """timm swin_tiny at batch 64 timed no pair in its budget: its event table and logs showed "nan" ms."""
+    from lightning_halfprune.report import _speed_rows
+
+    none = verdict([], 1, 64, "cpu", 10.0)
+    assert none.old_ms is None and none.new_ms is None and none.scalars("s") == {"s_measurable": 0.0}
+    assert "only 0 pairs" in none.reason and "`latency_budget_s`" in none.reason
+    assert _speed_rows(none)[0][1:] == ("-", "-") and "nan" not in none.label()
+
+
 def test_fit_reports_side_by_side_speedups_per_event_and_for_the_whole_fit(tmp_path):
     torch.manual_seed(0)
     model, data = CNN1D(channels=64), MNIST1DDataModule(num_samples=600)

@@ -69,7 +69,8 @@ class HalfPrune(Callback):
         regularize_from: the epoch the penalty starts.
         latency_batch_size: batch size at which each cut's speed-up is measured, old and new architecture timed
             side by side (interleaved); also the original against the final one after fit. 0 turns timing off.
-        latency_budget_s: seconds each side-by-side comparison may take (at least 6 A/B pairs are timed).
+        latency_budget_s: seconds each side-by-side comparison may take (it goes on to at least 6 A/B pairs, but
+            stops at 10x this in wall time: a model too slow for that reads "not measurable here").
         latency_threads: ``torch.set_num_threads`` while timing (restored after); None: the setting at fit start.
             One thread by default: on a shared machine multi-threaded timings mostly measure the scheduler.
         target: what a schedule value reduces: ``"channels"`` (fraction of channels removed), ``"params"``,

@@ -53,8 +53,8 @@ class SpeedUp:
     q3: float
     low: float
     high: float
-    old_ms: float
-    new_ms: float
+    old_ms: float | None
+    new_ms: float | None
     pairs: int
     threads: int
     batch_size: int
@@ -152,7 +152,10 @@ def verdict(times: list[tuple[float, float]], threads: int, batch_size: int, dev
     low, high = _median_interval(ratios)
     reason = None
     if len(ratios) < MIN_PAIRS:
-        reason = f"only {len(ratios)} pairs fit in the time budget"
+        reason = (
+            f"only {len(ratios)} pairs fit in the time budget (a larger `latency_budget_s` or a smaller "
+            "`latency_batch_size` gives more)"
+        )
     elif low <= 1.0 <= high:
         reason = f"the median's 95% CI {low:.2f}-{high:.2f} straddles 1"
     elif low <= 1.0 + MIN_EFFECT and high >= 1.0 - MIN_EFFECT:
@@ -166,8 +169,8 @@ def verdict(times: list[tuple[float, float]], threads: int, batch_size: int, dev
         q3=q3,
         low=low,
         high=high,
-        old_ms=statistics.median(a for a, _ in times) if times else float("nan"),
-        new_ms=statistics.median(b for _, b in times) if times else float("nan"),
+        old_ms=statistics.median(a for a, _ in times) if times else None,
+        new_ms=statistics.median(b for _, b in times) if times else None,
         pairs=len(ratios),
         threads=threads,
         batch_size=batch_size,

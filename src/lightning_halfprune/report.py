@@ -147,9 +147,13 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _speed_rows(speed: SpeedUp) -> list[tuple[str, str, str]]:
     return [
-        (f"latency ms (batch {speed.batch_size})", f"{speed.old_ms:.3f}", f"{speed.new_ms:.3f}"),
+        (f"latency ms (batch {speed.batch_size})", _ms(speed.old_ms), _ms(speed.new_ms)),
         ("speed-up", "", speed.label()),
     ]
 
@@ -176,7 +180,7 @@ def summary_table(
     ]
     if speed is not None:
         latency = f"latency ms (batch {speed.batch_size})"
-        rows.append((latency, f"{speed.old_ms:.3f}", f"{speed.new_ms:.3f}", speed.label()))
+        rows.append((latency, _ms(speed.old_ms), _ms(speed.new_ms), speed.label()))
     if last.aim is not None:
         name, goal, reached = _aim_row(last.aim)
         rows.append((name, goal, reached, "aimed -> reached"))
