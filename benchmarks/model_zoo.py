@@ -1,9 +1,11 @@
 """Model zoo: HalfPrune with default arguments on real timm, torchvision and Hugging Face models (on demand, never CI).
 
 Each model is fitted for 2 epochs of a few batches of tiny random data on CPU with
-``HalfPrune(schedule={0: 0.3, 1: 0.5})`` and six checks: the fit finishes, params drop (>= 30% at 0.5), the output
-shape is right, the loss after the cut is finite, ``load_pruned`` of the last checkpoint equals the trained module,
-and a resume from the checkpoint written after the first cut works (same final shape and losses). A model whose fit
+``HalfPrune(schedule={0: 0.3, 1: 0.5})`` and eight checks: the fit finishes, params drop (>= 30% at 0.5), the output
+shape is right, the loss after the cut is finite, attention heads are never mixed (whole heads or the same offsets in
+every head; head attributes in sync), tied parameters stay tied, ``load_pruned`` of the last checkpoint equals the
+trained module (still tied), and a resume from the checkpoint written after the first cut works (same final shape and
+losses). A model whose fit
 fails is also checked for what it was left as: untouched, or changed/broken. Every model runs in its own process with
 a timeout, so one hang does not stop the table.
 
@@ -62,7 +64,17 @@ def _hf(model_cls: str, config_cls: str, task: str, **config):
 
 
 TINY_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
-TINY_LM = dict(TINY_TEXT, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+# Text models at the proportions of the real ones: MLP 4x the hidden size (BERT, GPT-2, Llama 3.2 1B), 4 layers and
+# tied embeddings where the real model ties them (GPT-2, Llama 3.2, Qwen2), so that the embedding is 20-26% of the
+# params, as in BERT-base (22%), GPT-2 small (31%), Llama 3.2 1B (21%), Qwen2 0.5B (28%). With a 1000-word vocabulary
+# on 2 layers of width 64 it would be 50-65%, and it is kept by default (`prune_hidden_size=False`).
+REAL_TEXT = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
+REAL_LM = dict(REAL_TEXT, num_key_value_heads=2, use_cache=False, tie_word_embeddings=True)
+GPT2 = dict(n_embd=64, n_head=4, vocab_size=VOCAB)
+PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # its defaults lie beyond a 1000-word vocabulary
 
 MODELS = {
     "timm_vit_tiny": _timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8),
@@ -89,8 +101,7 @@ MODELS = {
         "BertConfig",
         "text",
         num_labels=CLASSES,
-        max_position_embeddings=64,
-        **TINY_TEXT,
+        **REAL_TEXT,
     ),
     "hf_vit": _hf(
         "ViTForImageClassification",
@@ -101,10 +112,19 @@ MODELS = {
         num_labels=CLASSES,
         **{k: v for k, v in TINY_TEXT.items() if k != "vocab_size"},
     ),
-    "hf_gpt2_lm": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB),
-    "hf_llama_gqa": _hf("LlamaForCausalLM", "LlamaConfig", "lm", **TINY_LM),
-    "hf_qwen2_gqa": _hf("Qwen2ForCausalLM", "Qwen2Config", "lm", **TINY_LM),
+    "hf_gpt2_lm": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_layer=4, n_positions=64, **GPT2),
+    "hf_llama_gqa": _hf("LlamaForCausalLM", "LlamaConfig", "lm", **REAL_LM),
+    "hf_qwen2_gqa": _hf("Qwen2ForCausalLM", "Qwen2Config", "lm", **REAL_LM),
+    # fused q|k|v with GQA and fused gate|up; untied like Phi-3-mini
+    "hf_phi3_gqa": _hf(
+        "Phi3ForCausalLM", "Phi3Config", "lm", **dict(REAL_LM, tie_word_embeddings=False), **PHI3_TOKENS
+    ),
+    # the embedding-heavy shape (2 layers, 1024 positions: 56% of the params): only the hidden size can halve it
+    "hf_gpt2_lm_hidden": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_layer=2, **GPT2),
 }
+
+# arguments beyond the defaults, for the rows that show one
+PRUNE_ARGS = {"hf_gpt2_lm_hidden": dict(prune_hidden_size=True)}
 
 
 # ----------------------------------------------------------------------------------------------- one model (child)
@@ -194,7 +214,7 @@ def _checkpoints(root: str):
 
 
 def run_one(name: str) -> dict:
-    """Fit one model and run the six checks; returns the row."""
+    """Fit one model and run the eight checks; returns the row."""
     import torch
 
     from lightning_halfprune import HalfPrune, load_pruned
@@ -211,9 +231,12 @@ def run_one(name: str) -> dict:
     with torch.no_grad():
         shape = tuple(model.eval()(x).shape)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    tied_before = _tied(model)
     row["params_before"] = count_params(model)
+    embeddings = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    row["embedding_share"] = sum(embeddings.values()) / row["params_before"]
     root = tempfile.mkdtemp(prefix="zoo-")
-    prune = HalfPrune(schedule={0: 0.3, 1: 0.5}, verbose=False)
+    prune = HalfPrune(schedule={0: 0.3, 1: 0.5}, verbose=False, **PRUNE_ARGS.get(name, {}))
     start = time.perf_counter()
     try:
         _trainer(root, [prune, _checkpoints(root)]).fit(model, data, data)
@@ -243,12 +266,14 @@ def run_one(name: str) -> dict:
         final_loss = float(model.loss(next(iter(data))))
     finite = all(map(_finite, after_first)) and _finite(final_loss)
     checks["finite"] = finite or "non-finite loss after a cut"
+    checks["heads"] = _heads_whole(ZooModule(name), prune.history, model)
+    checks["tied"] = _tied(model) == tied_before or f"tied parameters {tied_before} -> {_tied(model)}"
     last = os.path.join(root, f"epoch={EPOCHS - 1}.ckpt")
     try:
         loaded = load_pruned(ZooModule, last)
         with torch.no_grad():
-            same = torch.equal(loaded(x), out)
-        checks["load_pruned"] = same or "load_pruned output differs"
+            same = torch.equal(loaded(x), out) and _tied(loaded) == tied_before
+        checks["load_pruned"] = same or "load_pruned output differs (or tied weights came apart)"
     except Exception as err:
         checks["load_pruned"] = f"load_pruned: {type(err).__name__}: {str(err)[:120]}"
     checks["resume"] = _resume(ZooModule, name, root, data, model)
@@ -264,7 +289,9 @@ def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
     again = ZooModule(name)
     sub = os.path.join(root, "resume")
     try:
-        resumed = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)  # latency: no check
+        resumed = HalfPrune(  # latency: no check
+            schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False, **PRUNE_ARGS.get(name, {})
+        )
         _trainer(sub, [resumed]).fit(again, data, data, ckpt_path=os.path.join(root, "epoch=0.ckpt"))
     except Exception as err:
         return f"resume: {type(err).__name__}: {str(err)[:120]}"
@@ -274,6 +301,31 @@ def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
         return "resume: non-finite loss"
     model.resume_exact = again.losses == model.losses[BATCHES:]  # dropout draws differ: exact only without it
     return True
+
+
+def _heads_whole(fresh, history: list, model) -> bool | str:
+    """The first event's attention cuts (against the original shapes) are whole heads or the same offsets in every
+    head, and every attention module's head count x head size matches its q width after fit."""
+    from lightning_halfprune import attention as attn
+
+    specs = {s.root_name: s for s in attn.find_attention(fresh)}
+    try:
+        for layer, channels in history[0]["cuts"] if history else ():
+            if layer in specs:
+                attn._decode(specs[layer], [c for c in channels if c < specs[layer].q_width])
+    except attn.AttentionError as err:
+        return str(err)
+    bad = [s.root_name for s in attn.find_attention(model) if s.num_heads * s.head_dim != s.q_width]
+    return not bad or f"head attributes out of sync in {bad[:3]}"
+
+
+def _tied(model) -> int:
+    """How many parameters are shared by more than one module (tied embeddings)."""
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    return sum(n > 1 for n in holders.values())
 
 
 def _left_as(model, state: dict, x) -> str:
@@ -313,7 +365,7 @@ def _cell(row: dict) -> str:
         return f"FAIL {when}, {row['left']}: {_short(row['error'])}"
     if row["checks"]:
         return "FAIL: " + "; ".join(_short(str(v)) for v in row["checks"].values())
-    return "pass (6/6)" + (", resume exact" if row.get("resume_exact") else "")
+    return "pass (8/8)" + (", resume exact" if row.get("resume_exact") else "")
 
 
 def _short(text: str, n: int = 160) -> str:
@@ -328,12 +380,16 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         params = f"{_fmt_n(r.get('params_before'))} -> {_fmt_n(r.get('params_after'))}"
+        if r.get("embedding_share", 0) > 0.05:
+            params += f" (embeddings {r['embedding_share']:.0%} before)"
+        args = ", ".join(f"`{k}={v}`" for k, v in PRUNE_ARGS.get(r["model"], {}).items())
         macs = f"{_fmt_n(r['macs'][0])} -> {_fmt_n(r['macs'][1])}" if r.get("macs") else "-"
         lat = r.get("latency")
         latency = f"{lat[0]:.1f} -> {lat[1]:.1f} ms" if lat and None not in lat else "-"
         event = f"{r['event_seconds']:.2f} s" if r.get("event_seconds") is not None else "-"
         fit = f"{r['fit_seconds']:.0f} s" if r.get("fit_seconds") is not None else "-"
-        lines.append(f"| {r['model']} | {params} | {macs} | {latency} | {event} | {fit} | {_cell(r)} |")
+        name = f"{r['model']} ({args})" if args else r["model"]
+        lines.append(f"| {name} | {params} | {macs} | {latency} | {event} | {fit} | {_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -381,9 +437,11 @@ def _write(out: str, rows: list[dict], started: float) -> None:
         f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
         f"timm {_version('timm')}, transformers {_version('transformers')}, "
         f"torch-pruning {_version('torch-pruning')}); "
-        f"{time.perf_counter() - started:.0f} s in all. Params and MACs per sample before the first cut -> after the "
-        "last; latency: median of 10 forward passes at batch 64 (one run each, a shared machine: indicative only); "
-        "one event: wall time of the first prune event; fit: the whole fit with its two events. "
+        f"this run {time.perf_counter() - started:.0f} s (`--keep` keeps rows of earlier runs). Params and MACs per "
+        "sample before the first cut -> after the last; latency: median of 10 forward passes at batch 64 (one run "
+        "each, a shared machine: indicative only); "
+        "one event: wall time of the first prune event; fit: the whole fit with its two events. Text models "
+        "have the proportions of the real ones (see `REAL_TEXT` in the script); their embedding share is shown. "
         "Produced by `PYTHONPATH=src python benchmarks/model_zoo.py` in the zoo venv (see the script).\n\n"
         + table(rows)
         + "\n"

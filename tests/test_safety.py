@@ -321,3 +321,24 @@ def test_every_ratio_of_the_schedule_is_dry_run_at_train_start(tmp_path):
         fit(tmp_path, model, prune)
     assert list(prune.left_out) == ["net.b"] and model.net.b.out_channels == 16
     assert model.net.a.out_channels == 8 and len(model.losses) == 12
+
+
+def test_a_scorer_failing_on_a_group_mid_fit_leaves_that_group_out_and_training_goes_on(tmp_path):
+    """torch-pruning's importance can raise on widths it first sees at a later event: that group is left out with a
+    warning naming it, the rest is cut, and the fit continues (it used to end the fit with a raw IndexError)."""
+    l2 = get_scorer("l2")
+    calls = {"n": 0}
+
+    def flaky(group):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first group scored at the first prune point
+            raise IndexError("index 180 is out of bounds for dimension 0 with size 180")
+        return l2(group)
+
+    model = Classifier("plain_cnn")
+    prune = HalfPrune({0: 0.5}, scorer=flaky, latency_batch_size=0, verbose=False)
+    with pytest.warns(PreflightWarning, match=r"(?s)at this prune point.*scoring it failed: IndexError: index 180"):
+        fit(tmp_path, model, prune, max_epochs=2)
+    assert len(prune.left_out) == 1 and len(prune.history) == 1
+    assert all(layer not in prune.left_out for layer, _ in prune.history[0]["cuts"])
+    assert len(model.losses) > 0 and all(v == v for v in model.losses)

@@ -48,7 +48,8 @@ def assert_attributes_synced(model):
     for spec in attn.find_attention(model):
         assert spec.num_heads * spec.head_dim == spec.q_width
         root = attn.out_width(spec.root)
-        assert root == (3 * spec.q_width if spec.qkv is not None else spec.q_width)
+        kv_width = spec.num_kv_heads * spec.head_dim
+        assert root == (spec.q_width + 2 * kv_width if spec.qkv is not None else spec.q_width)
         m = spec.module
         for name in ("num_heads", "num_attention_heads", "n_head"):
             if hasattr(m, name):
@@ -73,7 +74,7 @@ def tied(model):
     return net.lm_head.weight is net.embed.weight
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit", "gpt2", "llama", "qwen2", "vit_block"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "gpt2", "llama", "qwen2", "phi3", "vit_block"])
 def test_fit_prunes_whole_heads(tmp_path, kind):
     before = count_params(Wrapper(kind))
     model, cb = fit(tmp_path, kind)
@@ -90,7 +91,7 @@ def test_fit_prunes_whole_heads(tmp_path, kind):
         assert tied(model)
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "phi3"])
 def test_hf_config_follows_the_cuts(tmp_path, kind):
     """Head counts and the MLP width in the HF config are the pruned ones (GPT-2: `n_inner`, None meant 4x)."""
     def mlp(net):
@@ -98,6 +99,7 @@ def test_hf_config_follows_the_cuts(tmp_path, kind):
             "bert": lambda: net.bert.encoder.layer[0].intermediate.dense.out_features,
             "gpt2": lambda: net.transformer.h[0].mlp.c_fc.nf,
             "llama": lambda: net.model.layers[0].mlp.up_proj.out_features,
+            "phi3": lambda: net.model.layers[0].mlp.gate_up_proj.out_features // 2,  # gate | up in one layer
         }[kind]()
 
     model, _ = fit(tmp_path, kind, epochs=2)
@@ -280,3 +282,25 @@ def test_kept_embeddings_that_cap_the_params_drop_are_announced(caplog):
     with caplog.at_level("INFO"):
         note_kept_embeddings(Surgeon(net, torch.ones(1, 8, dtype=torch.long), prune_hidden_size=True), 0.5)
     assert "keeps the embeddings" not in caplog.text
+
+
+def test_fused_gate_up_and_fused_gqa_qkv_are_cut_in_pairs_at_every_event(tmp_path):
+    """Phi-3: channel j of the gate goes with channel j of the up projection, at each event (the split offsets
+    follow the cut), and its fused q|k|v with 2 key/value heads for 4 query heads loses whole key/value groups."""
+    model, cb = fit(tmp_path, "phi3")
+    assert cb.left_out == {} and len(cb.history) == 2
+    original = Wrapper("phi3")
+    first = [(layer, c) for layer, c in cb.history[0]["cuts"] if layer.endswith("mlp.gate_up_proj")]
+    assert len(first) == 2  # one per layer
+    for layer, channels in first:
+        half = attn.out_width(_module(original, layer)) // 2
+        gate = {c for c in channels if c < half}
+        assert gate and {c - half for c in channels if c >= half} == gate
+    assert all(m.weight.shape[0] == 128 for n, m in model.named_modules() if n.endswith("gate_up_proj"))  # 256 / 2
+    for spec in attn.find_attention(model):
+        assert (spec.num_heads, spec.num_kv_heads) == (2, 1)
+    assert model.net.config.num_key_value_heads == 1 and model.net.config.hidden_size == 64
+
+
+def _module(model, name):
+    return dict(model.named_modules())[name]

@@ -40,6 +40,10 @@ def hf_model(kind: str) -> nn.Module:
         config = tf.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                 bos_token_id=0, eos_token_id=0, pad_token_id=0, **small)
         return tf.Qwen2ForCausalLM(config)
+    if kind == "phi3":  # fused q|k|v with GQA, fused gate|up projection
+        config = tf.Phi3Config(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                               bos_token_id=0, eos_token_id=0, pad_token_id=0, **small)
+        return tf.Phi3ForCausalLM(config)
     raise ValueError(kind)
 
 
@@ -126,7 +130,7 @@ def build(kind: str) -> nn.Module:
 
 
 IMAGE = {"vit", "vit_block", "mixer"}
-LM = {"gpt2", "llama", "qwen2", "tied"}
+LM = {"gpt2", "llama", "qwen2", "phi3", "tied"}
 
 
 class Wrapper(pl.LightningModule):

@@ -225,9 +225,10 @@ def _spec(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> Attent
         qkv, q = fused[1], None
         root_name = _join(name, fused[0])
         total = out_width(qkv)
-        if total % (3 * heads):
+        kv = _int_attr(objs, _KV_HEADS) or heads  # a fused q|k|v with fewer key/value heads (Phi-3): GQA too
+        if total % (heads + 2 * kv):
             return None
-        head_dim, kv, k, v = total // (3 * heads), heads, None, None
+        head_dim, k, v = total // (heads + 2 * kv), None, None
     else:
         q, k, v = (module._modules[n] for n in separate)
         qkv, root_name = None, _join(name, separate[0])
@@ -235,7 +236,7 @@ def _spec(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> Attent
         kv = _int_attr(objs, _KV_HEADS) or out_width(k) // head_dim
         if out_width(k) != kv * head_dim or out_width(v) != kv * head_dim:
             return None
-    if out_width(q if q is not None else qkv) != (heads * head_dim if q is not None else 3 * heads * head_dim):
+    if out_width(q if q is not None else qkv) != (heads if q is not None else heads + 2 * kv) * head_dim:
         return None
     if heads % kv or _in_width(output[1]) != heads * head_dim:
         return None
@@ -362,10 +363,13 @@ def _clamp(keep: int, current: int, floor_fraction: float) -> int:
 
 
 def _q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
-    """Scores as (heads, head_dim); a fused q|k|v layer adds up the q, k and v scores of each position."""
-    qw = spec.q_width
-    folded = scores[:qw] + scores[qw : 2 * qw] + scores[2 * qw : 3 * qw] if spec.qkv is not None else scores[:qw]
-    return folded.view(spec.num_heads, spec.head_dim)
+    """Scores as (heads, head_dim); a fused q|k|v layer adds k and v scores to every query head that reads them."""
+    qw, kw, d = spec.q_width, spec.num_kv_heads * spec.head_dim, spec.head_dim
+    q = scores[:qw].view(spec.num_heads, d)
+    if spec.qkv is None:
+        return q
+    kv = (scores[qw : qw + kw] + scores[qw + kw : qw + 2 * kw]).view(spec.num_kv_heads, d)
+    return q + kv.repeat_interleave(spec.group_size, dim=0)
 
 
 # ------------------------------------------------------------------ cutting

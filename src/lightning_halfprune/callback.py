@@ -28,7 +28,7 @@ from lightning_halfprune.distributed import agreed, check_strategy, from_rank_ze
 from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.latency import SideBySide, SpeedUp
 from lightning_halfprune.measure import MacCounter, count_params, layer_widths
-from lightning_halfprune.preflight import cut_safely, note_kept_embeddings, preflight
+from lightning_halfprune.preflight import cut_safely, drop_failed, guarded, note_kept_embeddings, preflight
 from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -634,11 +634,14 @@ class HalfPrune(Callback):
                 if hasattr(self.scorer, "inputs_of"):
                     self.scorer.inputs_of = lambda batch: model_input(pl_module, batch, self.input_fn)
                 self.scorer.calibrate(pl_module, batches, training_loss(pl_module))
+            failed: dict[str, str] = {}  # groups the scorer fails on (widths it never saw before the fit)
             try:
-                score = agreed(trainer.strategy, self.scorer)
+                score = guarded(agreed(trainer.strategy, self.scorer), self._surgeon, failed)
                 if self._targeter is None:
-                    return self._surgeon.plan(ratio, score), None
-                return self._targeter.plan(ratio, score, lambda r: trainer.strategy.broadcast(r, src=0))
+                    cuts, aim = self._surgeon.plan(ratio, score), None
+                else:
+                    cuts, aim = self._targeter.plan(ratio, score, lambda r: trainer.strategy.broadcast(r, src=0))
+                return drop_failed(self._surgeon, cuts, failed, self.left_out), aim
             finally:
                 getattr(self.scorer, "release", lambda: None)()
 

@@ -17,6 +17,7 @@ from lightning_halfprune import attention as attn
 
 # the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
 _MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")
+_MLP_GATE_UP = (".mlp.gate_up_proj",)  # gate and up projection in one layer (Phi-3): twice `intermediate_size`
 
 
 def sync(model: nn.Module) -> None:
@@ -58,7 +59,8 @@ def _sync_heads(config: Any, specs: list[attn.AttentionSpec]) -> None:
 
 
 def _sync_mlp(config: Any, owner: nn.Module) -> None:
-    widths = {attn.out_width(m) for name, m in owner.named_modules() if name.endswith(_MLP_UP)} - {None}
+    layers = [(name, m) for name, m in owner.named_modules() if name.endswith(_MLP_UP + _MLP_GATE_UP)]
+    widths = {(w // 2 if name.endswith(_MLP_GATE_UP) else w) for name, m in layers if (w := attn.out_width(m))}
     if len(widths) != 1:
         return
     width = next(iter(widths))

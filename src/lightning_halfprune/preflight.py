@@ -48,7 +48,7 @@ def preflight(surgeon: Surgeon, ratios: Sequence[float], known: dict[str, str] |
     left_out = dict(known or {})
     surgeon.ignore(list(left_out))
     for ratio in sorted(set(ratios), reverse=True)[:MAX_RATIOS]:
-        cuts = surgeon.plan(ratio, _guarded(get_scorer(SCORER), surgeon, left_out))
+        cuts = surgeon.plan(ratio, guarded(get_scorer(SCORER), surgeon, left_out))
         surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
         cuts = [c for c in cuts if c.layer not in left_out]
         while cuts:
@@ -80,6 +80,17 @@ def note_kept_embeddings(surgeon: Surgeon, ratio: float) -> None:
         )
 
 
+def drop_failed(
+    surgeon: Surgeon, cuts: Sequence[Cut], failed: dict[str, str], left_out: dict[str, str]
+) -> list[Cut]:
+    """At a prune point: groups the scorer failed on are left out from now on (with a warning), the rest is cut."""
+    if not failed:
+        return list(cuts)
+    left_out.update(failed)
+    _leave_out(surgeon, failed, before_training=False)
+    return [c for c in cuts if c.layer not in failed]
+
+
 def cut_safely(
     surgeon: Surgeon, cuts: Sequence[Cut], then: Callable[[ParamRemap, list[Cut]], None], left_out: dict[str, str]
 ) -> list[Cut]:
@@ -105,8 +116,11 @@ def cut_safely(
     return cuts
 
 
-def _guarded(score: Callable[[Any], Any], surgeon: Surgeon, failed: dict[str, str]) -> Callable[[Any], Any]:
-    """The scorer, but a group it fails on (torch-pruning's importance can raise) is recorded and not planned."""
+def guarded(score: Callable[[Any], Any], surgeon: Surgeon, failed: dict[str, str]) -> Callable[[Any], Any]:
+    """The scorer, but a group it fails on (torch-pruning's importance can raise) is recorded in ``failed``.
+
+    Its cuts must then be dropped from the plan (``drop_failed``): the plan falls back to magnitudes for it.
+    """
     names = {g.group: g.name for g in surgeon.groups()}
 
     def guarded(group: Any) -> Any:

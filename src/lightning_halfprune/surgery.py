@@ -468,6 +468,7 @@ class Surgeon:
         widths = {dep.target.module: dep.target.module.embed_dim for dep, _ in group
                   if isinstance(dep.target.module, nn.MultiheadAttention)}
         group.prune(record_history=False)
+        _sync_split_offsets(group)
         _sync_hidden_dim(self.model, widths)
         hf_config.sync(self.model)
 
@@ -544,6 +545,18 @@ def _inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
     return False
 
 
+def _sync_split_offsets(group: Any) -> None:
+    """The offsets of every split the group went through, from its new sizes.
+
+    torch-pruning 1.6.1's split pruner updates ``split_sizes`` but writes the new offsets onto itself, not onto the
+    split op; the next group search then maps indices with the old offsets (past the end of the layer).
+    """
+    for dep, _ in group:
+        op = dep.target.module
+        if isinstance(op, ops._SplitOp) and op.split_sizes:
+            op.offsets = [sum(op.split_sizes[:i]) for i in range(len(op.split_sizes) + 1)]
+
+
 def _sync_hidden_dim(model: nn.Module, widths: dict[nn.MultiheadAttention, int]) -> None:
     """``hidden_dim`` attributes that hold an ``nn.MultiheadAttention``'s old width (torchvision's ViT) follow it."""
     for mha, old in widths.items():
@@ -585,10 +598,19 @@ def _unties(graph: tp.DependencyGraph, group: Any, holders: dict[int, set[nn.Mod
 
 
 def _slots(graph: tp.DependencyGraph, group: Any) -> int:
-    """Channel groups that must stay equal in size: grouped convs, GroupNorm, attention heads."""
+    """Channel groups that must stay equal in size: grouped convs, GroupNorm, attention heads, equal chunks.
+
+    Equal chunks: a fused layer split in equal parts (Phi-3's ``gate_up_proj``), whose channel j pairs with channel
+    j of every other part.
+    """
     slots = 1
+    width = graph.get_out_channels(group[0].dep.target.module)
     for dep, _ in group:
         module = dep.target.module
+        sizes = getattr(module, "split_sizes", None) if isinstance(module, ops._SplitOp) else None
+        if sizes and len(set(sizes)) == 1 and sum(sizes) == width:  # a fused layer chunked (Phi-3's gate_up_proj)
+            slots = max(slots, len(sizes))
+            continue
         if isinstance(module, nn.MultiheadAttention):
             slots = max(slots, module.num_heads)
             continue
