@@ -4,7 +4,8 @@
 
 A 2-block ViT (dim 64, 4 heads, fused ``qkv``, patch 7 on 28x28: 16 tokens + cls) trains on the first TRAIN_IMAGES
 Fashion-MNIST images with AdamW; ``HalfPrune(schedule={0: 0.25, 1: 0.5})`` cuts heads / head dims / both (MLP widths
-always), then training goes on; test accuracy on the 10k test images after the last epoch. Same seeds for every mode
+always; ``heads+hidden``: the residual stream too, ``prune_hidden_size=True``), then training goes on; test
+accuracy on the 10k test images after the last epoch. Same seeds for every mode
 ("unpruned" is the reference without HalfPrune).
 """
 
@@ -88,7 +89,14 @@ class ViT(pl.LightningModule):
 def run(mode: str | None, seed: int, epochs: int, train: TensorDataset, test: tuple) -> tuple[float, int]:
     pl.seed_everything(seed, verbose=False)
     model = ViT()
-    prune = HalfPrune(schedule={0: 0.25, 1: 0.5}, attention=mode or "none", latency_batch_size=0, verbose=False)
+    attention, _, hidden = (mode or "none").partition("+")  # "heads+hidden": also cut the residual stream
+    prune = HalfPrune(
+        schedule={0: 0.25, 1: 0.5},
+        attention=attention,
+        prune_hidden_size=hidden == "hidden",
+        latency_batch_size=0,
+        verbose=False,
+    )
     callbacks = [prune] if mode else []
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)

@@ -123,8 +123,12 @@ MODELS = {
     "hf_gpt2_lm_hidden": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_layer=2, **GPT2),
 }
 
-# arguments beyond the defaults, for the rows that show one
+# arguments beyond the defaults, for the rows that show one; `--prune-args` adds to every row
 PRUNE_ARGS = {"hf_gpt2_lm_hidden": dict(prune_hidden_size=True)}
+
+
+def _prune_args(name: str) -> dict:
+    return PRUNE_ARGS.get(name, {}) | json.loads(os.environ.get("ZOO_PRUNE_ARGS", "{}"))
 
 
 # ----------------------------------------------------------------------------------------------- one model (child)
@@ -236,7 +240,7 @@ def run_one(name: str) -> dict:
     embeddings = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     row["embedding_share"] = sum(embeddings.values()) / row["params_before"]
     root = tempfile.mkdtemp(prefix="zoo-")
-    prune = HalfPrune(schedule={0: 0.3, 1: 0.5}, verbose=False, **PRUNE_ARGS.get(name, {}))
+    prune = HalfPrune(schedule={0: 0.3, 1: 0.5}, verbose=False, **_prune_args(name))
     start = time.perf_counter()
     try:
         _trainer(root, [prune, _checkpoints(root)]).fit(model, data, data)
@@ -290,7 +294,7 @@ def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
     sub = os.path.join(root, "resume")
     try:
         resumed = HalfPrune(  # latency: no check
-            schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False, **PRUNE_ARGS.get(name, {})
+            schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False, **_prune_args(name)
         )
         _trainer(sub, [resumed]).fit(again, data, data, ckpt_path=os.path.join(root, "epoch=0.ckpt"))
     except Exception as err:
@@ -382,7 +386,7 @@ def table(rows: list[dict]) -> str:
         params = f"{_fmt_n(r.get('params_before'))} -> {_fmt_n(r.get('params_after'))}"
         if r.get("embedding_share", 0) > 0.05:
             params += f" (embeddings {r['embedding_share']:.0%} before)"
-        args = ", ".join(f"`{k}={v}`" for k, v in PRUNE_ARGS.get(r["model"], {}).items())
+        args = ", ".join(f"`{k}={v}`" for k, v in _prune_args(r["model"]).items())
         macs = f"{_fmt_n(r['macs'][0])} -> {_fmt_n(r['macs'][1])}" if r.get("macs") else "-"
         lat = r.get("latency")
         latency = f"{lat[0]:.1f} -> {lat[1]:.1f} ms" if lat and None not in lat else "-"
@@ -399,6 +403,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--keep", action="store_true", help="keep the other rows of the existing table")
     parser.add_argument("--jobs", type=int, default=1, help="models fitted at the same time")
+    parser.add_argument("--prune-args", default="{}", help='HalfPrune arguments for every row, JSON: \'{"a": 1}\'')
     parser.add_argument("--out", default=str(Path(__file__).with_name("model_zoo.md")))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -409,6 +414,7 @@ def main() -> None:
             row = {"model": args.child, "crash": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
         print(json.dumps(row, default=str))
         return
+    os.environ["ZOO_PRUNE_ARGS"] = json.dumps(json.loads(args.prune_args))  # the children read it
     names, started = args.only or list(MODELS), time.perf_counter()
     done: dict[str, dict] = {}
     if args.keep and Path(args.out).with_suffix(".json").exists():  # rows of an earlier run, replaced if rerun
@@ -433,7 +439,7 @@ def _run_child(name: str, timeout: int) -> dict:
 
 def _write(out: str, rows: list[dict], started: float) -> None:
     text = (
-        f"# Model zoo\n\n`HalfPrune(schedule={{0: 0.3, 1: 0.5}})` with default arguments, {EPOCHS} epochs of {BATCHES} "
+        f"# Model zoo\n\n`HalfPrune(schedule={{0: 0.3, 1: 0.5}})` with {_arguments()}, {EPOCHS} epochs of {BATCHES} "
         f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
         f"timm {_version('timm')}, transformers {_version('transformers')}, "
         f"torch-pruning {_version('torch-pruning')}); "
@@ -448,6 +454,11 @@ def _write(out: str, rows: list[dict], started: float) -> None:
     )
     Path(out).write_text(text)
     Path(out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def _arguments() -> str:
+    extra = json.loads(os.environ.get("ZOO_PRUNE_ARGS", "{}"))
+    return ", ".join(f"`{k}={v}`" for k, v in extra.items()) + " for every row" if extra else "default arguments"
 
 
 def _version(package: str) -> str:
