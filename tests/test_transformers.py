@@ -304,3 +304,40 @@ def test_fused_gate_up_and_fused_gqa_qkv_are_cut_in_pairs_at_every_event(tmp_pat
 
 def _module(model, name):
     return dict(model.named_modules())[name]
+
+
+def test_global_pruning_ranks_whole_heads_with_the_mlp_channels():
+    """`global_pruning=True`: heads compete with MLP neurons for one budget, so the layers end up unequal, still in
+    whole heads, and the model runs."""
+    model = Wrapper("vit_block")
+    spec = attn.find_attention(model)[0]
+    with torch.no_grad():  # layer 0: 3 of 4 heads far below the layer's mean, where layer 1's heads are all alike
+        d, qw = spec.head_dim, spec.q_width
+        for part in range(3):  # q, k and v rows of heads 1-3
+            spec.root.weight[part * qw + d : (part + 1) * qw].mul_(0.01)
+    surgeon = Surgeon(model, model.example_input_array, global_pruning=True)
+    before = {s.root_name: s.num_heads for s in attn.find_attention(model)}
+    widths = {g.name: g.width for g in surgeon.groups()}
+    from lightning_halfprune.scoring import get_scorer
+
+    cuts = surgeon.plan(0.5, get_scorer("l2"))
+    surgeon.cut(cuts)
+    after = {s.root_name: s.num_heads for s in attn.find_attention(model)}
+    first, second = list(before)
+    assert after[first] < after[second] <= before[second]
+    removed = sum(widths[g] for g in widths) - sum(g.width for g in surgeon.groups())
+    assert removed > 0
+    with torch.no_grad():
+        assert model(model.example_input_array).shape[-1] == 3
+
+
+def test_global_pruning_fit_of_llama_loads_back_with_load_pruned(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model, cb = fit(tmp_path, "llama", epochs=2, callbacks=[ckpt], global_pruning=True)
+    assert attention_cuts(model, cb) and cb.left_out == {}
+    assert_heads_whole_or_uniform(model, cb)
+    assert_attributes_synced(model)
+    loaded = load_pruned(Wrapper, ckpt.last_model_path)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(model.example_input_array), model.eval()(model.example_input_array))

@@ -324,7 +324,7 @@ def plan(
     ``keep_fraction`` is relative to the current width; ``floor_fraction`` is the least the current width may
     shrink to (from ``max_layer_ratio``). Whole key/value groups (heads) or uniform head-dim offsets only.
     """
-    q_scores = _q_space(spec, scores)  # (heads, head_dim)
+    q_scores = q_space(spec, scores)  # (heads, head_dim)
     if mode == "head_dim" and spec.rope:
         mode = "heads"
     if mode == "both" and spec.rope:
@@ -362,7 +362,7 @@ def _clamp(keep: int, current: int, floor_fraction: float) -> int:
     return int(min(current, max(keep, math.ceil(current * floor_fraction - 1e-9), 1)))
 
 
-def _q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
+def q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
     """Scores as (heads, head_dim); a fused q|k|v layer adds k and v scores to every query head that reads them."""
     qw, kw, d = spec.q_width, spec.num_kv_heads * spec.head_dim, spec.head_dim
     q = scores[:qw].view(spec.num_heads, d)

@@ -267,18 +267,26 @@ class Surgeon:
     # ---------------------------------------------------------------- choosing
     def plan(self, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
         """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
-        scored = []
+        scored, heads = [], []
         cuts = []
         for g in self.groups():
             if g.name not in self.original_widths:
                 continue
-            if g.attention is not None:
+            if g.attention is not None and not self.global_pruning:
                 cuts.extend(self._plan_attention(g, ratio, score))
+                continue
+            if g.attention is not None:  # ranked with everything else, a key/value group (its heads) at a time
+                heads.append((g, _check_scores(g, _score_or_magnitude(g, score))))
                 continue
             scores = _per_slot(g, _check_scores(g, _score_or_magnitude(g, score)))
             if scores is not None:
                 scored.append((g, scores))
-        keep = self._global_keep(scored, ratio) if self.global_pruning else self._local_keep(scored, ratio)
+        if self.global_pruning:
+            keep, head_keep = self._global_keep(scored, ratio, heads)
+            for g, scores in heads:
+                cuts.extend(self._plan_attention(g, ratio, score, head_keep[g.name], scores))
+        else:
+            keep = self._local_keep(scored, ratio)
         for g, scores in scored:
             n_slots_kept = keep[g.name] // g.slots
             drop = torch.argsort(scores, stable=True)[: g.slot_size - n_slots_kept].tolist()
@@ -287,11 +295,22 @@ class Surgeon:
                 cuts.append(Cut(g.name, channels))
         return cuts
 
-    def _plan_attention(self, g: ChannelGroup, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
-        """Whole heads / uniform head dims of one attention module (local ratio, also under global pruning)."""
-        scores = _check_scores(g, _score_or_magnitude(g, score))
+    def _plan_attention(
+        self,
+        g: ChannelGroup,
+        ratio: float,
+        score: Callable[[Any], torch.Tensor | None],
+        keep_fraction: float | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> list[Cut]:
+        """Whole heads / uniform head dims of one attention module.
+
+        As many as the ratio leaves of it, or ``keep_fraction`` of its current width (given by global pruning).
+        """
+        scores = scores if scores is not None else _check_scores(g, _score_or_magnitude(g, score))
         original = self.original_widths[g.name]
-        keep_fraction = min(1.0, original * (1 - ratio) / g.width)
+        if keep_fraction is None:
+            keep_fraction = min(1.0, original * (1 - ratio) / g.width)
         floor_fraction = original * (1 - self.max_layer_ratio) / g.width
         channels = attn.plan(g.attention, scores, keep_fraction, floor_fraction, self.attention)
         return [Cut(g.name, channels)] if channels else []
@@ -313,26 +332,52 @@ class Surgeon:
             g.name: self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - ratio) + 0.5))) for g, _ in scored
         }
 
-    def _global_keep(self, scored: list, ratio: float) -> dict[str, int]:
-        total_original = sum(self.original_widths[g.name] for g, _ in scored)
-        total_now = sum(g.width for g, _ in scored)
+    def _global_keep(
+        self, scored: list, ratio: float, heads: list | None = None
+    ) -> tuple[dict[str, int], dict[str, float]]:
+        """Channels kept per group when every channel competes with all others (scores normalised per group).
+
+        Attention modules (``heads``) compete a key/value group at a time, with its mean score and its query width;
+        they get back the fraction of their current width to keep.
+        """
+        heads = [(g, _head_units(g.attention, s)) for g, s in heads or []]
+        q_original = {g.name: self.original_widths[g.name] * g.attention.q_width / g.width for g, _ in heads}
+        total_original = sum(self.original_widths[g.name] for g, _ in scored) + sum(q_original.values())
+        total_now = sum(g.width for g, _ in scored) + sum(g.attention.q_width for g, _ in heads)
         to_remove = total_now - int(math.floor(total_original * (1 - ratio) + 0.5))
         keep = {g.name: g.width for g, _ in scored}
+        units = {g.name: g.attention.num_kv_heads for g, _ in heads}
         candidates = sorted(
-            (
-                (float(s) / (float(scores.mean()) + 1e-12), i, k)
+            [
+                (float(s) / (float(scores.mean()) + 1e-12), i, False)
                 for i, (g, scores) in enumerate(scored)
-                for k, s in enumerate(scores)
-            )
+                for s in scores
+            ]
+            + [
+                (float(s) / (float(unit_scores.mean()) + 1e-12), i, True)
+                for i, (g, unit_scores) in enumerate(heads)
+                if unit_scores is not None
+                for s in unit_scores
+            ],
+            key=lambda c: (c[0], c[2], c[1]),
         )
-        for _, i, _k in candidates:
+        for _, i, is_head in candidates:
             if to_remove <= 0:
                 break
+            if is_head:
+                g = heads[i][0]
+                size = g.attention.q_width // g.attention.num_kv_heads
+                floor = max(1, math.ceil(q_original[g.name] / size * (1 - self.max_layer_ratio) - 1e-9))
+                if units[g.name] - 1 >= floor:
+                    units[g.name] -= 1
+                    to_remove -= size
+                continue
             g = scored[i][0]
             if keep[g.name] - g.slots >= self._floor(g):
                 keep[g.name] -= g.slots
                 to_remove -= g.slots
-        return {g.name: self._fit(g, keep[g.name]) if self.round_to else keep[g.name] for g, _ in scored}
+        kept = {g.name: self._fit(g, keep[g.name]) if self.round_to else keep[g.name] for g, _ in scored}
+        return kept, {g.name: units[g.name] / g.attention.num_kv_heads for g, _ in heads}
 
     # ---------------------------------------------------------------- cutting
     def cut(
@@ -624,6 +669,11 @@ def _slots(graph: tp.DependencyGraph, group: Any) -> int:
         else:
             slots = max(slots, pruner.get_in_channel_groups(module))
     return slots
+
+
+def _head_units(spec: attn.AttentionSpec, scores: torch.Tensor | None) -> torch.Tensor | None:
+    """One score per key/value group (the heads that go together), from an attention group's root scores."""
+    return None if scores is None else attn.q_space(spec, scores).view(spec.num_kv_heads, -1).mean(1)
 
 
 def _score_or_magnitude(g: ChannelGroup, score: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
