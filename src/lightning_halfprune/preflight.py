@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_halfprune import attention as attn
+from lightning_halfprune.measure import count_params
 from lightning_halfprune.scoring import get_scorer
 from lightning_halfprune.surgery import BrokenForward, Cut, ParamRemap, Surgeon, SurgeryError
 
@@ -70,8 +71,7 @@ def note_kept_embeddings(surgeon: Surgeon, ratio: float) -> None:
     if surgeon.prune_hidden_size or not attn.find_attention(model):
         return
     tensors = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)}
-    total = sum(p.numel() for p in model.parameters())
-    share = sum(tensors.values()) / max(total, 1)
+    share = sum(tensors.values()) / max(count_params(model), 1)
     if share >= EMBEDDING_NOTE:
         rank_zero_info(
             f"HalfPrune keeps the embeddings ({share:.0%} of the params) and the residual stream width they set: at "

@@ -400,6 +400,7 @@ class Surgeon:
             with _tracking_slices() as remap, graph_safe(self.model), torch.no_grad():
                 for c in cuts:
                     _attributed(lambda c=c: self._prune_group(graph, c), c.layer)
+                hf_config.sync(self.model)  # once per cut, before the check: some forwards read the config
             for old, (new, _) in remap.steps.items():
                 new.requires_grad_(old.requires_grad)
             _check_output(expected, _structure(self._forward(cuts, members)), cuts)
@@ -493,7 +494,6 @@ class Surgeon:
                 attn.prune(spec, cut.channels)
             except attn.AttentionError as err:
                 raise SurgeryError(str(err)) from err
-            hf_config.sync(self.model)
             self._graph = None  # the graph's split sizes inside attention are stale: rebuilt before the next use
             return
         if module not in graph.module2node:
@@ -515,7 +515,6 @@ class Surgeon:
         group.prune(record_history=False)
         _sync_split_offsets(group)
         _sync_hidden_dim(self.model, widths)
-        hf_config.sync(self.model)
 
 
 # -------------------------------------------------------------------- helpers
