@@ -11,29 +11,23 @@ accuracy on the 10k test images after the last epoch. Same seeds for every mode
 
 from __future__ import annotations
 
-import gzip
 import statistics
 import sys
 import time
 import warnings
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
+from common import fashion_mnist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_halfprune import HalfPrune
 
-DATA = "/usr/share/datasets/fashion-mnist"
-
 
 def read(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with gzip.open(f"{DATA}/{kind}-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    with gzip.open(f"{DATA}/{kind}-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    x, y = fashion_mnist(kind)
     return torch.tensor(x, dtype=torch.float32) / 255 - 0.5, torch.tensor(y, dtype=torch.long)
 
 

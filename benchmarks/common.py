@@ -6,6 +6,7 @@ memory (max RSS) is its own; it prints one JSON line.
 
 from __future__ import annotations
 
+import gzip
 import json
 import resource
 import statistics
@@ -16,6 +17,7 @@ import warnings
 
 THREADS = 2
 BATCH = 256
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist; benchmarks only
 
 
 def run_variant(variant: str, seed: int, epochs: int, scorer: str = "l2", quick: bool = False) -> dict:
@@ -164,3 +166,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 if __name__ == "__main__":
     variant, seed, epochs, scorer, mode = sys.argv[1:6]
     print(json.dumps(_train(variant, int(seed), int(epochs), scorer, mode == "quick")))
+
+
+def fashion_mnist(split: str):
+    """Fashion-MNIST images (N, 1, 28, 28) and labels as uint8 arrays, read from the idx files on disk.
+
+    ``split``: ``"train"`` or ``"t10k"``. Each benchmark scales and normalises them its own way.
+    """
+    import numpy as np
+
+    with gzip.open(f"{FASHION_MNIST}/{split}-images-idx3-ubyte.gz") as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(f"{FASHION_MNIST}/{split}-labels-idx1-ubyte.gz") as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    return x, y

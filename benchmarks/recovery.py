@@ -15,7 +15,6 @@ forward passes each, median and spread over rounds. Fashion-MNIST is read from
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -29,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "recovery_runs.jsonl")
 TEACHERS = os.path.join(HERE, ".recovery_teachers")
-FMNIST = "/usr/share/datasets/fashion-mnist"
 ALPHA, TEMPERATURE, REWIND = 1.0, 2.0, 2  # distillation as in examples/recipe_recovery.yaml
 EPOCHS = {"mnist1d": 20, "fmnist": 15}
 QUICK_EPOCHS = {"mnist1d": 5, "fmnist": 2}
@@ -60,16 +58,6 @@ LEVERS = ["hp_kd_oneshot", "hp_kd_reg", "hp_kd_taylor"]
 
 
 # ---------------------------------------------------------------------------------------------- one run (child)
-def _fmnist_arrays(split: str):
-    import numpy as np
-
-    with gzip.open(f"{FMNIST}/{split}-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    with gzip.open(f"{FMNIST}/{split}-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return x, y
-
-
 def _protocol(task: str, quick: bool) -> tuple[int, int]:
     """(epochs, data size) of the current protocol; runs are recorded and looked up under it."""
     return (QUICK_EPOCHS if quick else EPOCHS)[task], (QUICK_DATA if quick else DATA)[task]
@@ -78,6 +66,7 @@ def _protocol(task: str, quick: bool) -> tuple[int, int]:
 def _fmnist_data(n: int):
     import lightning.pytorch as pl
     import torch
+    from common import fashion_mnist  # on the path: the child put HERE there
     from torch.utils.data import DataLoader, TensorDataset
 
     class FashionMNIST(pl.LightningDataModule):
@@ -86,8 +75,8 @@ def _fmnist_data(n: int):
         def setup(self, stage=None):
             if hasattr(self, "train_set"):
                 return
-            x, y = _fmnist_arrays("train")
-            xt, yt = _fmnist_arrays("t10k")
+            x, y = fashion_mnist("train")
+            xt, yt = fashion_mnist("t10k")
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
             norm = lambda a: (torch.as_tensor(a, dtype=torch.float32) / 255 - 0.286) / 0.353  # noqa: E731
             x, y = norm(x)[order], torch.as_tensor(y, dtype=torch.long)[order]

@@ -13,17 +13,14 @@ read from /usr/share/datasets/fashion-mnist (the idx gz files); a 12k-image trai
 
 from __future__ import annotations
 
-import gzip
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
-from common import quiet_trainer
+from common import fashion_mnist, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -32,16 +29,6 @@ from lightning_halfprune import HalfPrune, Schedule
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
 from lightning_halfprune.measure import MacCounter, count_params
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _idx(name: str) -> np.ndarray:
-    with gzip.open(FASHION / name) as f:
-        data = f.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
 
 class FashionData(pl.LightningDataModule):
     TRAIN = 12000
@@ -49,10 +36,12 @@ class FashionData(pl.LightningDataModule):
     def __init__(self, test: int = 2000) -> None:
         super().__init__()
         train = self.TRAIN
-        x = torch.tensor(_idx("train-images-idx3-ubyte.gz")[:train], dtype=torch.float32).unsqueeze(1) / 255
-        y = torch.tensor(_idx("train-labels-idx1-ubyte.gz")[:train], dtype=torch.long)
-        xt = torch.tensor(_idx("t10k-images-idx3-ubyte.gz")[:test], dtype=torch.float32).unsqueeze(1) / 255
-        yt = torch.tensor(_idx("t10k-labels-idx1-ubyte.gz")[:test], dtype=torch.long)
+        images, labels = fashion_mnist("train")
+        test_images, test_labels = fashion_mnist("t10k")
+        x = torch.tensor(images[:train], dtype=torch.float32) / 255
+        y = torch.tensor(labels[:train], dtype=torch.long)
+        xt = torch.tensor(test_images[:test], dtype=torch.float32) / 255
+        yt = torch.tensor(test_labels[:test], dtype=torch.long)
         mean, std = x.mean(), x.std()
         self.train_set = TensorDataset((x - mean) / std, y)
         self.test_set = TensorDataset((xt - mean) / std, yt)
