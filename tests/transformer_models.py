@@ -110,6 +110,61 @@ class MixerNet(nn.Module):
         return self.head(h.mean(1))
 
 
+class WindowAttention(nn.Module):
+    """torchvision-style shifted-window attention: functional ``F.linear`` between window reshapes, a bias table."""
+
+    def __init__(self, dim: int, num_heads: int = 2, window: int = 2, shift: int = 0) -> None:
+        super().__init__()
+        self.num_heads, self.window, self.shift = num_heads, window, shift
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("bias_index", torch.arange(window**4) % (2 * window - 1) ** 2)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        s, n = self.window, (h // self.window) * (w // self.window)
+        x = torch.roll(x, (-self.shift, -self.shift), (1, 2)) if self.shift else x
+        x = x.view(b, h // s, s, w // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b * n, s * s, c)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(x.size(0), x.size(1), 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self.bias_table[self.bias_index].view(s * s, s * s, -1).permute(2, 0, 1)
+        attn = ((q * 0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
+        x = F.linear((attn @ v).transpose(1, 2).reshape(x.size(0), x.size(1), c), self.proj.weight, self.proj.bias)
+        x = x.view(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        return torch.roll(x, (self.shift, self.shift), (1, 2)) if self.shift else x
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, shift: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, shift=shift)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SwinNet(nn.Module):
+    """Two Swin stages joined by patch merging (strided slices, concat, linear): a loop of reshapes when traced."""
+
+    def __init__(self, dim: int = 8, classes: int = CLASSES) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.stage1 = nn.Sequential(SwinBlock(dim, 0), SwinBlock(dim, 1))
+        self.merge_norm, self.merge = nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.stage2 = nn.Sequential(SwinBlock(2 * dim, 0), SwinBlock(2 * dim, 1))
+        self.head = nn.Linear(2 * dim, classes)
+
+    def forward(self, x):
+        x = self.stage1(self.patch(x).permute(0, 2, 3, 1))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        x = self.stage2(self.merge(self.merge_norm(x)))
+        return self.head(x.mean((1, 2)))
+
+
 class TiedLM(nn.Module):
     """Embedding -> residual MLP -> LM head sharing the embedding matrix (no attention: its width is pruned)."""
 
@@ -126,10 +181,11 @@ class TiedLM(nn.Module):
 
 
 def build(kind: str) -> nn.Module:
-    return {"vit_block": ViTBlockNet, "mixer": MixerNet, "tied": TiedLM}.get(kind, lambda: hf_model(kind))()
+    models = {"vit_block": ViTBlockNet, "mixer": MixerNet, "swin": SwinNet, "tied": TiedLM}
+    return models.get(kind, lambda: hf_model(kind))()
 
 
-IMAGE = {"vit", "vit_block", "mixer"}
+IMAGE = {"vit", "vit_block", "mixer", "swin"}
 LM = {"gpt2", "llama", "qwen2", "phi3", "tied"}
 
 
@@ -145,7 +201,7 @@ class Wrapper(pl.LightningModule):
         self.losses: list[float] = []
 
     def forward(self, x):
-        if self.hparams.kind in ("vit_block", "mixer", "tied"):
+        if self.hparams.kind in ("vit_block", "mixer", "swin", "tied"):
             return self.net(x)
         out = self.net(pixel_values=x) if self.hparams.kind == "vit" else self.net(input_ids=x, use_cache=False)
         return out.logits
