@@ -49,12 +49,12 @@ VARIANTS = {
     "hp_kd_each": "HalfPrune + distillation (teacher: model before each cut)",
     "hp_rw": "HalfPrune + LR rewinding (2 epochs)",
     "hp_kd_rw": "HalfPrune + distillation + LR rewinding (2 epochs)",
-    "hp_kd_oneshot": "HalfPrune + distillation, one-shot cut at 2/5 of the fit",
-    "hp_kd_reg": "HalfPrune + distillation + group-lasso `regularization=1e-4`",
-    "hp_kd_taylor": "HalfPrune + distillation, `taylor` scorer",
     "hp_kd_short": "HalfPrune + distillation (teacher: before each cut) only until 2 epochs after the last cut",
+    "hp_kd_short_oneshot": "the recipe (short distillation), but one cut at 2/5 of the fit",
+    "hp_kd_short_reg": "the recipe (short distillation) + group-lasso `regularization=1e-4`",
+    "hp_kd_short_taylor": "the recipe (short distillation), `taylor` scorer",
 }
-LEVERS = ["hp_kd_oneshot", "hp_kd_reg", "hp_kd_taylor"]
+LEVERS = ["hp_kd_short_oneshot", "hp_kd_short_reg", "hp_kd_short_taylor"]  # each changes one thing in the recipe
 
 
 # ---------------------------------------------------------------------------------------------- one run (child)
@@ -166,8 +166,8 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
             regularization=1e-4 if variant.endswith("reg") else 0.0,
             distill_alpha=ALPHA if "_kd" in variant else 0.0,
             distill_temperature=TEMPERATURE,
-            distill_teacher="each" if variant.endswith(("each", "short")) else "first",
-            distill_epochs=2 if variant.endswith("short") else None,
+            distill_teacher="each" if "_each" in variant or "_short" in variant else "first",
+            distill_epochs=2 if "_short" in variant else None,
             lr_rewind=REWIND if "_rw" in variant else 0,
         )
         callbacks.append(prune)
