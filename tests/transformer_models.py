@@ -55,7 +55,7 @@ class ViTBlockNet(nn.Module):
         self.patch = nn.Conv2d(3, dim, 4, 4)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(2)])
+        self.blocks = nn.Sequential(*[Block(dim, Attention(dim, heads)) for _ in range(2)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
@@ -81,10 +81,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    """Pre-norm transformer block around any attention module."""
+
+    def __init__(self, dim: int, attn: nn.Module) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = attn
         self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
 
     def forward(self, x):
@@ -135,27 +137,15 @@ class WindowAttention(nn.Module):
         return torch.roll(x, (self.shift, self.shift), (1, 2)) if self.shift else x
 
 
-class SwinBlock(nn.Module):
-    def __init__(self, dim: int, shift: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, shift=shift)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class SwinNet(nn.Module):
     """Two Swin stages joined by patch merging (strided slices, concat, linear): a loop of reshapes when traced."""
 
     def __init__(self, dim: int = 8, classes: int = CLASSES) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 2, 2)
-        self.stage1 = nn.Sequential(SwinBlock(dim, 0), SwinBlock(dim, 1))
+        self.stage1 = nn.Sequential(*[Block(dim, WindowAttention(dim, shift=shift)) for shift in (0, 1)])
         self.merge_norm, self.merge = nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.stage2 = nn.Sequential(SwinBlock(2 * dim, 0), SwinBlock(2 * dim, 1))
+        self.stage2 = nn.Sequential(*[Block(2 * dim, WindowAttention(2 * dim, shift=shift)) for shift in (0, 1)])
         self.head = nn.Linear(2 * dim, classes)
 
     def forward(self, x):
@@ -180,9 +170,11 @@ class TiedLM(nn.Module):
         return self.lm_head(h + self.mlp(h))
 
 
+OWN = {"vit_block": ViTBlockNet, "mixer": MixerNet, "swin": SwinNet, "tied": TiedLM}  # called with the tensor
+
+
 def build(kind: str) -> nn.Module:
-    models = {"vit_block": ViTBlockNet, "mixer": MixerNet, "swin": SwinNet, "tied": TiedLM}
-    return models.get(kind, lambda: hf_model(kind))()
+    return OWN.get(kind, lambda: hf_model(kind))()
 
 
 IMAGE = {"vit", "vit_block", "mixer", "swin"}
@@ -201,7 +193,7 @@ class Wrapper(pl.LightningModule):
         self.losses: list[float] = []
 
     def forward(self, x):
-        if self.hparams.kind in ("vit_block", "mixer", "swin", "tied"):
+        if self.hparams.kind in OWN:
             return self.net(x)
         out = self.net(pixel_values=x) if self.hparams.kind == "vit" else self.net(input_ids=x, use_cache=False)
         return out.logits
