@@ -74,12 +74,58 @@ class BadScorer:
         return torch.full((len(group[0].idxs),), float("nan"))
 
 
-def test_a_scorer_returning_nan_prunes_nothing(tmp_path):
+def test_a_scorer_returning_nan_fails_before_training(tmp_path):
     model = Classifier("plain_cnn")
     shapes = {n: p.shape for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="NaN or inf scores for layer 'net.features"):
-        fit(tmp_path, model, HalfPrune({0: 0.5}, scorer=BadScorer()))
+        fit(tmp_path, model, HalfPrune({2: 0.5}, scorer=BadScorer()))
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert model.losses == []  # found by the dry run at train start, not an epoch later
+
+
+class ShortScorer:
+    def __call__(self, group):
+        return torch.ones(3)
+
+
+def test_a_scorer_returning_the_wrong_shape_fails_before_training(tmp_path):
+    model = Classifier("plain_cnn")
+    with pytest.raises(RuntimeError, match=r"returned 3 scores for layer 'net.features.[03]', which has (16|32) chan"):
+        fit(tmp_path, model, HalfPrune({2: 0.5}, scorer=ShortScorer()))
+    assert model.losses == []
+
+
+def test_nan_weights_are_named_as_weights_not_as_scores(tmp_path):
+    model = Classifier("plain_cnn")
+    with torch.no_grad():
+        model.net.features[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"the weights of layer 'net.features.0' hold NaN or inf \(has training"):
+        fit(tmp_path, model, HalfPrune({2: 0.5}))
+
+
+def test_a_guard_without_validation_warns_that_it_is_inactive(tmp_path):
+    with pytest.warns(UserWarning, match=r"no validation runs in this fit \(`limit_val_batches=0`\): the accuracy gu"):
+        fit(tmp_path, Classifier("plain_cnn"), HalfPrune({0: 0.5}, monitor="val_acc", max_drop=0.1),
+            limit_val_batches=0)
+
+
+def test_epoch_points_past_max_steps_warn(tmp_path):
+    with pytest.warns(UserWarning, match=r"prune points \[2\] \(epochs\) past the trainer's max_steps=6 \(4 steps"):
+        fit(tmp_path, Classifier("plain_cnn"), HalfPrune({0: 0.25, 2: 0.5}), max_epochs=-1, max_steps=6)
+
+
+def test_a_qat_model_refused_is_exactly_as_before_observers_included(tmp_path):
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    model = Classifier("plain_cnn")
+    model.net.qconfig = get_default_qat_qconfig("fbgemm")
+    prepare_qat(model.net.train(), inplace=True)
+    model(torch.randn(4, 3, 8, 8))  # observers have seen data: per-channel scales of the full widths
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="the model is exactly as before"):
+        fit(tmp_path, model, HalfPrune({1: 0.5}))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_interrupted_surgery_leaves_the_model_and_optimizer_wholly_before(tmp_path):

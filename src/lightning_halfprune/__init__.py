@@ -3,6 +3,7 @@
 ``from lightning_halfprune import HalfPrune`` and add it to your Trainer's callbacks.
 """
 
+from lightning_halfprune import plain_load
 from lightning_halfprune.callback import HalfPrune
 from lightning_halfprune.checkpoint import CheckpointError, export, load_pruned
 from lightning_halfprune.report import ModelStats, PruneReport
@@ -18,6 +19,8 @@ from lightning_halfprune.scoring import (
 )
 
 __version__ = "0.1.0"
+
+plain_load.install()  # a pruned checkpoint also loads through a Trainer or load_from_checkpoint without HalfPrune
 
 __all__ = [
     "SCORERS",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +33,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
+
+from lightning_halfprune import layers
+from lightning_halfprune.layers import in_width, out_width
 
 AttentionMode = Literal["heads", "head_dim", "both", "none"]
 ATTENTION_MODES = ("heads", "head_dim", "both", "none")
@@ -71,60 +73,6 @@ def without_kv_cache(model: nn.Module) -> Iterator[None]:
     finally:
         for key, config in configs.items():
             config.use_cache = saved[key]
-
-
-# ------------------------------------------------------------------ HF Conv1D
-def conv1d_class() -> type | None:
-    """Hugging Face's ``Conv1D`` (a Linear with a transposed weight), if transformers is already imported."""
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return getattr(utils, "Conv1D", None)
-
-
-class Conv1DPruner(tp_function.BasePruningFunc):
-    """torch-pruning pruner for Hugging Face ``Conv1D`` (GPT-2): weight is ``(in, out)``."""
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(layer.weight.shape[1])) - set(idxs))
-        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
-        if layer.bias is not None:
-            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
-        layer.nf = len(keep)
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
-        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
-        if hasattr(layer, "nx"):
-            layer.nx = len(keep)
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.weight.shape[1]
-
-    def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.weight.shape[0]
-
-
-_LINEAR = tp_function.LinearPruner()
-_CONV1D = Conv1DPruner()
-
-
-def customized_pruners() -> dict[type, Any]:
-    cls = conv1d_class()
-    return {cls: _CONV1D} if cls is not None else {}
-
-
-def _pruner(layer: nn.Module) -> Any:
-    return _LINEAR if isinstance(layer, nn.Linear) else _CONV1D
-
-
-def out_width(layer: nn.Module) -> int | None:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    cls = conv1d_class()
-    if cls is not None and isinstance(layer, cls):
-        return layer.weight.shape[1]
-    return None
 
 
 # ------------------------------------------------------------------ finding
@@ -238,14 +186,10 @@ def _spec(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> Attent
             return None
     if out_width(q if q is not None else qkv) != (heads if q is not None else heads + 2 * kv) * head_dim:
         return None
-    if heads % kv or _in_width(output[1]) != heads * head_dim:
+    if heads % kv or in_width(output[1]) != heads * head_dim:
         return None
     rope = "position_embeddings" in _forward_params(module) or hasattr(module, "rotary_emb")
     return AttentionSpec(name, module, q, k, v, qkv, output[1], heads, kv, head_dim, rope, root_name)
-
-
-def _in_width(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]
 
 
 def _forward_params(module: nn.Module) -> Sequence[str]:
@@ -267,7 +211,7 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
     root_idxs = list(range(width))
 
     def add(layer: nn.Module, out: bool, idxs: list[int], roots: list[int]) -> None:
-        pruner = _pruner(layer)
+        pruner = layers.pruner(layer)
         fn = pruner.prune_out_channels if out else pruner.prune_in_channels
         if isinstance(layer, nn.Linear):
             fn = tp_function.prune_linear_out_channels if out else tp_function.prune_linear_in_channels
@@ -290,29 +234,6 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
 def _kv_to_q(spec: AttentionSpec, channel: int) -> int:
     head, offset = divmod(channel, spec.head_dim)
     return head * spec.group_size * spec.head_dim + offset
-
-
-def magnitude(group: Any, width: int) -> torch.Tensor | None:
-    """L2 norm of each root channel's weights over a group's Linear and HF ``Conv1D`` layers.
-
-    The fallback when a scorer cannot read a layer type: torch-pruning's importances skip ``Conv1D`` (GPT-2).
-    None if the group has no such layer.
-    """
-    conv1d = conv1d_class()
-    total, found = torch.zeros(width), False
-    for item in group:
-        layer, fn = item.dep.target.module, item.dep.handler
-        if not isinstance(layer, nn.Linear) and not (conv1d is not None and isinstance(layer, conv1d)):
-            continue
-        out = group._DG.is_out_channel_pruning_fn(fn) if getattr(group, "_DG", None) else True
-        w = layer.weight.detach()
-        w = w.t() if conv1d is not None and isinstance(layer, conv1d) else w  # as (out, in)
-        w = w if out else w.t()
-        if max(item.idxs, default=-1) >= w.shape[0] or item.root_idxs is None or None in item.root_idxs:
-            continue
-        total.index_add_(0, torch.as_tensor(item.root_idxs), w[torch.as_tensor(item.idxs)].float().pow(2).sum(1).cpu())
-        found = True
-    return total.sqrt() if found else None
 
 
 # ------------------------------------------------------------------ planning
@@ -385,12 +306,12 @@ def prune(spec: AttentionSpec, channels: Sequence[int]) -> None:
         expected = q_removed + [qw + c for c in kv_removed] + [qw + kw + c for c in kv_removed]
         if sorted({int(c) for c in channels}) != expected:
             raise AttentionError(f"the cut of {spec.root_name!r} removes different channels of q, k and v.")
-        _pruner(spec.qkv).prune_out_channels(spec.qkv, expected)
+        layers.pruner(spec.qkv).prune_out_channels(spec.qkv, expected)
     else:
         for layer, removed in ((spec.q, q_removed), (spec.k, kv_removed), (spec.v, kv_removed)):
             if removed:
-                _pruner(layer).prune_out_channels(layer, removed)
-    _pruner(spec.o).prune_in_channels(spec.o, q_removed)
+                layers.pruner(layer).prune_out_channels(layer, removed)
+    layers.pruner(spec.o).prune_in_channels(spec.o, q_removed)
     _slice_head_params(spec, heads)
     sync(spec, spec.num_heads - len(heads), spec.num_kv_heads - len(heads) // spec.group_size,
          spec.head_dim - len(dims))
@@ -437,7 +358,7 @@ def _slice_head_params(spec: AttentionSpec, heads: Sequence[int]) -> None:
     keep = [h for h in range(spec.num_heads) if h not in set(heads)]
     for pname, param in list(spec.module._parameters.items()):
         if param is not None and param.dim() >= 1 and param.shape[-1] == spec.num_heads and pname != "weight":
-            setattr(spec.module, pname, _LINEAR._prune_parameter_and_grad(param, keep, param.dim() - 1))
+            setattr(spec.module, pname, layers.LINEAR._prune_parameter_and_grad(param, keep, param.dim() - 1))
 
 
 _SYNCED = {

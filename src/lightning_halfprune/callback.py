@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_halfprune import arguments, averaging, best, compiled, monitor, publish, retry
+from lightning_halfprune import arguments, averaging, best, compiled, monitor, publish, retry, scoring, start_checks
 from lightning_halfprune import checkpoint as ckpt
 from lightning_halfprune.attention import AttentionMode
 from lightning_halfprune.attention import check_mode as check_attention_mode
@@ -29,7 +29,7 @@ from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
 from lightning_halfprune.latency import SideBySide, SpeedUp
 from lightning_halfprune.measure import MacCounter, count_params, layer_widths
 from lightning_halfprune.preflight import cut_safely, drop_failed, guarded, note_kept_embeddings, preflight
-from lightning_halfprune.rebind import rebind_optimizers, rewrap_ddp
+from lightning_halfprune.rebind import check_optimizers, rebind_optimizers, rewrap_ddp
 from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.rewind import LRRewinder
@@ -213,7 +213,6 @@ class HalfPrune(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
         if stage == "fit":
-            self.schedule.check_fits(trainer.max_epochs, trainer.max_steps)
             resolve_ignored(pl_module, self.ignored_layers)
         _restore_shape_before_weights_load(pl_module)
         if self._distiller is not None and stage == "fit":
@@ -232,10 +231,12 @@ class HalfPrune(Callback):
         publish.hyperparams(trainer, self.config())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_fit(trainer, pl_module)
         with compiled.eager():  # HalfPrune's own forward passes never compile
             self._surgeon = self._build_surgeon(trainer, pl_module)
             if not self.stopped:  # what cannot be cut safely is reported now, not after epochs of training
                 self.left_out = preflight(self._surgeon, list(self.schedule.points.values()), self.left_out)
+                self._dry_run_scorer(trainer, pl_module)
             if not self.history:  # the original architecture: after a resume it is gone
                 self._speed.keep_original(pl_module)
                 note_kept_embeddings(self._surgeon, max(self.schedule.points.values(), default=0.0))
@@ -315,6 +316,19 @@ class HalfPrune(Callback):
         self.cap = state_dict.get("cap")
         self._original_counts = dict(state_dict.get("original_counts", {}))
         self.left_out = dict(state_dict.get("left_out", {}))
+
+    def _check_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What the trainer's settings make impossible, said before the first step."""
+        self.schedule.check_fits(trainer.max_epochs, trainer.max_steps, start_checks.steps_per_epoch(trainer))
+        start_checks.warn_if_nothing_validates(trainer, pl_module, self.monitor, self.guard is not None)
+        check_optimizers(trainer.optimizers, list(pl_module.parameters()))
+
+    def _dry_run_scorer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Score every group once (data-driven scorers on one batch): bad scores fail now, not at the first cut."""
+        if self._last_point_passed(trainer):
+            return
+        with scoring.state_kept(self.scorer):
+            self._plan(trainer, pl_module, max(self.schedule.points.values()), batches=1)
 
     # ------------------------------------------------------------------ one event
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -609,6 +623,7 @@ class HalfPrune(Callback):
             prune_hidden_size=self.prune_hidden_size,
         )
         self.original_widths = surgeon.original_widths
+        ckpt.pack([], {}, example)  # an example input a safe load could not read fails now, not at the first save
         if needs_data(self.scorer):  # a batch the model cannot run fails now, not at the first cut
             loader = self.calibration_dataloader or trainer.train_dataloader
             fed_input(pl_module, take_batches(loader, 1, pl_module.device)[0], self.input_fn)
@@ -626,11 +641,13 @@ class HalfPrune(Callback):
         example = move_data_to_device(example, pl_module.device)
         return trainer.precision_plugin.convert_input(example)
 
-    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float) -> tuple[list[Cut], Aim | None]:
+    def _plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, batches: int | None = None
+    ) -> tuple[list[Cut], Aim | None]:
         with undisturbed(pl_module):
             if needs_data(self.scorer):
                 loader = self.calibration_dataloader or trainer.train_dataloader
-                batches = take_batches(loader, self.scoring_batches, pl_module.device)
+                batches = take_batches(loader, batches or self.scoring_batches, pl_module.device)
                 if hasattr(self.scorer, "inputs_of"):
                     self.scorer.inputs_of = lambda batch: model_input(pl_module, batch, self.input_fn)
                 self.scorer.calibrate(pl_module, batches, training_loss(pl_module))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -19,10 +20,11 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.core.module import _jit_is_scripting
 from torch import nn
 
-from lightning_halfprune.attention import out_width
+from lightning_halfprune.layers import out_width
 from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError
 
 KEY = "halfprune"
+_LIGHTNING_KEYS = ("_instantiator", "_class_path")  # what LightningCLI adds to saved hyperparameters
 
 
 class CheckpointError(ValueError):
@@ -30,13 +32,37 @@ class CheckpointError(ValueError):
 
 
 def pack(history: list[dict], original_widths: dict[str, int], example_input: Any) -> dict[str, Any]:
-    """What goes under ``checkpoint["halfprune"]``."""
+    """What goes under ``checkpoint["halfprune"]``: plain types only, which a safe load (``weights_only``) reads."""
     return {
         "version": 1,
         "history": [dict(event) for event in history],
         "original_widths": dict(original_widths),
-        "example_input": move_data_to_device(example_input, "cpu"),
+        "example_input": _plain(move_data_to_device(example_input, "cpu")),
     }
+
+
+def read(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
+    """A checkpoint file's contents, loaded safely: ``weights_only=True`` never runs code stored in the file.
+
+    A file that cannot be read, or that a safe load refuses, is a ``CheckpointError`` naming the file and why.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} holds objects a safe load refuses (`weights_only=True` never runs code stored in a "
+            f"checkpoint): {str(err).splitlines()[0]}. If you trust the file's source, pass `weights_only=False`."
+        ) from err
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} cannot be read as a torch checkpoint (truncated, still being written, or another "
+            f"format): {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a Lightning checkpoint: it has no `state_dict`.")
+    return checkpoint
 
 
 def cuts_of(state: Mapping[str, Any]) -> list[Cut]:
@@ -67,7 +93,7 @@ def restore_shape(model: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
     if not cuts:
         return False
     _check_original_widths(model, state["original_widths"])
-    example = move_data_to_device(state.get("example_input"), _device_of(model))
+    example = _cast_floats(move_data_to_device(state.get("example_input"), _device_of(model)), _dtype_of(model))
     if example is None:
         raise CheckpointError("the HalfPrune state in this checkpoint has no example input to trace the model with.")
     surgeon = Surgeon(model, example, original_widths=state["original_widths"])
@@ -78,13 +104,17 @@ def restore_shape(model: nn.Module, checkpoint: Mapping[str, Any]) -> bool:
     return True
 
 
-def load_pruned(model_class: type[nn.Module], path: str | os.PathLike, **init_kwargs: Any) -> nn.Module:
+def load_pruned(
+    model_class: type[nn.Module], path: str | os.PathLike, weights_only: bool = True, **init_kwargs: Any
+) -> nn.Module:
     """The pruned LightningModule of a checkpoint, with its weights, in eval mode, without any Trainer.
 
     The class is built from the checkpoint's saved hyperparameters (``save_hyperparameters``), overridden by
-    ``init_kwargs``; then the recorded cuts are replayed and the weights loaded.
+    ``init_kwargs``; then the recorded cuts are replayed and the weights loaded. The file is loaded with
+    ``torch.load(weights_only=True)``, which never runs code stored in it; ``weights_only=False`` only for files
+    you trust (e.g. hyperparameters that are objects of your own classes).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read(path, weights_only)
     kwargs = _init_kwargs(model_class, {**checkpoint.get("hyper_parameters", {}), **init_kwargs})
     model = model_class(**kwargs)
     restore_shape(model, checkpoint)
@@ -153,6 +183,7 @@ def _check_original_widths(model: nn.Module, widths: Mapping[str, int]) -> None:
 
 
 def _init_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {k: v for k, v in kwargs.items() if k not in _LIGHTNING_KEYS}
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return kwargs
@@ -161,3 +192,39 @@ def _init_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating parameters (None if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _cast_floats(x: Any, dtype: torch.dtype | None) -> Any:
+    """Floating tensors in ``x`` cast to ``dtype``: an example stored by a float64 or bf16 fit traces any model."""
+    if dtype is None:
+        return x
+    if torch.is_tensor(x):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return {k: _cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    return x
+
+
+def _plain(x: Any) -> Any:
+    """Tensors in plain dicts, tuples and lists (a ``BatchEncoding`` or other mapping becomes a ``dict``)."""
+    if torch.is_tensor(x):
+        return x.detach()
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise CheckpointError(
+        f"HalfPrune's example input holds a {type(x).__name__}, which a safe checkpoint load cannot read: pass an "
+        "`example_input` of tensors (in tuples, lists or dicts)."
+    )

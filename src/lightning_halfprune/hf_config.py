@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from lightning_halfprune import attention as attn
+from lightning_halfprune import layers
 
 # the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
 _MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")
@@ -59,8 +60,8 @@ def _sync_heads(config: Any, specs: list[attn.AttentionSpec]) -> None:
 
 
 def _sync_mlp(config: Any, owner: nn.Module) -> None:
-    layers = [(name, m) for name, m in owner.named_modules() if name.endswith(_MLP_UP + _MLP_GATE_UP)]
-    widths = {(w // 2 if name.endswith(_MLP_GATE_UP) else w) for name, m in layers if (w := attn.out_width(m))}
+    ups = [(name, m) for name, m in owner.named_modules() if name.endswith(_MLP_UP + _MLP_GATE_UP)]
+    widths = {(w // 2 if name.endswith(_MLP_GATE_UP) else w) for name, m in ups if (w := layers.out_width(m))}
     if len(widths) != 1:
         return
     width = next(iter(widths))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_halfprune.attention import conv1d_class
+from lightning_halfprune.layers import conv1d_class
 from lightning_halfprune.surgery import graph_safe, run_model
 
 WIDTH_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)

@@ -2,20 +2,54 @@
 
 torch-pruning replaces every pruned tensor with a new ``nn.Parameter``. An optimizer left alone keeps updating
 the dead tensors and the pruned layers silently stop learning. Here every optimizer is moved to the new
-parameters with its state (momentum buffers, Adam moments, step counts) sliced to the kept channels; the
-param-group settings and every LR scheduler stay exactly as they were.
+parameters with its state sliced to the kept channels; the param-group settings and every LR scheduler stay
+exactly as they were.
+
+State of any shape is carried: tensors shaped like the parameter (momentum, Adam moments) and tensors that
+broadcast against it (Adafactor's factored ``row_var``/``col_var``) are sliced along the pruned dimensions;
+scalars (step counts) are kept. State that cannot be sliced (a flat vector over all parameters) is reset for that
+parameter, with a warning, and the optimizer re-initialises it at its next step. LBFGS keeps a private list of its
+parameters and a curvature history over their concatenation: the list is rebuilt and the history starts over.
+Any other optimizer that keeps the model's parameters outside ``param_groups`` and ``state`` is refused before
+training (``check_optimizers``), and after every rebind no optimizer may still hold a parameter of the old model.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_halfprune.surgery import ParamRemap
+
+# attributes every torch optimizer has; anything else holding parameters is a private cache
+_OWN = ("state", "param_groups", "defaults")
+# optimizers known to cache their parameters, and how the cache is rebuilt after a cut
+_REBUILT = {"LBFGS": "its parameter list is rebuilt and its curvature history starts over"}
+
+
+class CarryError(ValueError):
+    """An optimizer keeps the model's parameters somewhere HalfPrune cannot move to the pruned model."""
+
+
+def check_optimizers(optimizers: Sequence[torch.optim.Optimizer], params: Sequence[torch.Tensor]) -> None:
+    """Refuse, before training, an optimizer that holds ``params`` outside its param groups and state."""
+    ids = {id(p) for p in params}
+    for optimizer in optimizers:
+        name = type(optimizer).__name__
+        if name in _REBUILT:
+            continue
+        for attribute, value in vars(optimizer).items():
+            if attribute not in _OWN and any(id(t) in ids for t in _tensors_in(value)):
+                raise CarryError(
+                    f"HalfPrune cannot carry optimizer {name} across a cut: it keeps the model's parameters in "
+                    f"`{attribute}`, which a cut would leave pointing at the old tensors. Use an optimizer that keeps "
+                    "them only in `param_groups` and `state` (every torch.optim optimizer does; LBFGS is handled)."
+                )
 
 
 def rebind_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: ParamRemap) -> None:
@@ -23,22 +57,69 @@ def rebind_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: ParamR
 
     Everything new is computed first and swapped in at the end, so an error leaves the optimizers untouched.
     Each state tensor is copied once at its new (smaller) size: at most one extra copy of the state in flight.
+    Raises ``CarryError`` if an optimizer would still hold a parameter of the old model afterwards.
     """
     if not len(remap):
         return
-    staged = []
-    for optimizer in optimizers:
-        params = [[remap.new(p) for p in group["params"]] for group in optimizer.param_groups]
-        state = {
-            remap.new(p): {key: remap.slice_like(p, value) for key, value in s.items()}
-            for p, s in optimizer.state.items()
-        }
-        staged.append((optimizer, params, state))
+    staged = [(optimizer, *_staged(optimizer, remap)) for optimizer in optimizers]
     for optimizer, params, state in staged:
         for group, new_params in zip(optimizer.param_groups, params, strict=True):
             group["params"] = new_params
         optimizer.state.clear()
         optimizer.state.update(state)
+        _rebuild_caches(optimizer)
+    _check_nothing_old(optimizers, remap)
+
+
+def _staged(optimizer: torch.optim.Optimizer, remap: ParamRemap) -> tuple[list, dict]:
+    params = [[remap.new(p) for p in group["params"]] for group in optimizer.param_groups]
+    state: dict[torch.Tensor, dict[str, Any]] = {}
+    reset = []
+    for p, s in optimizer.state.items():
+        try:
+            state[remap.new(p)] = {key: remap.slice_like(p, value) for key, value in s.items()}
+        except ValueError as err:  # state that does not follow the parameter's shape: started over
+            reset.append(str(err))
+    if reset and type(optimizer).__name__ not in _REBUILT:
+        rank_zero_warn(
+            f"HalfPrune reset the {type(optimizer).__name__} state of {len(reset)} pruned parameter(s), which it "
+            f"cannot slice ({reset[0]}); the optimizer initialises it again at its next step."
+        )
+    return params, state
+
+
+def _rebuild_caches(optimizer: torch.optim.Optimizer) -> None:
+    """LBFGS: its own parameter list follows the param group; its history over the old ones starts over."""
+    if type(optimizer).__name__ != "LBFGS":
+        return
+    optimizer._params = optimizer.param_groups[0]["params"]
+    optimizer._numel_cache = None
+    optimizer.state.clear()
+    rank_zero_info(f"HalfPrune: LBFGS after the cut: {_REBUILT['LBFGS']}.")
+
+
+def _check_nothing_old(optimizers: Sequence[torch.optim.Optimizer], remap: ParamRemap) -> None:
+    old = {id(p) for p in remap.steps}
+    for optimizer in optimizers:
+        for attribute, value in vars(optimizer).items():
+            if attribute != "defaults" and any(id(t) in old for t in _tensors_in(value)):
+                raise CarryError(
+                    f"after moving {type(optimizer).__name__} to the pruned model it still holds a parameter of the "
+                    f"old model in `{attribute}`; the cut was undone."
+                )
+
+
+def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors in ``value`` and the containers inside it (a few levels deep; dict keys too: ``state`` is keyed so)."""
+    if torch.is_tensor(value):
+        yield value
+    elif depth < 4 and isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors_in(k, depth + 1)
+            yield from _tensors_in(v, depth + 1)
+    elif depth < 4 and isinstance(value, (list, tuple, set)):
+        for v in value:
+            yield from _tensors_in(v, depth + 1)
 
 
 def rewrap_ddp(strategy: Any) -> bool:

@@ -68,30 +68,51 @@ class Schedule:
     def final_ratio(self) -> float:
         return self.points[max(self.points)]
 
-    def check_fits(self, max_epochs: int | None, max_steps: int | None) -> None:
-        """Warn about prune points the trainer will never reach, or that leave nothing to recover on."""
-        limit = max_epochs if self.interval == "epoch" else max_steps
-        if limit is None or limit < 0:
+    def check_fits(self, max_epochs: int | None, max_steps: int | None, steps_per_epoch: int | None = None) -> None:
+        """Warn about prune points the trainer will never reach, or that leave nothing to recover on.
+
+        ``steps_per_epoch`` (optimizer steps, known once the training data is set up) lets one limit speak for the
+        other: epoch points past ``max_steps``, step points past ``max_epochs``.
+        """
+        limits = self._limits(max_epochs, max_steps, steps_per_epoch)
+        if not limits:
             return
-        unreachable = [p for p in self.points if p >= limit]
-        if self.interval == "step":
-            unreachable = [p for p in self.points if p > limit]
-        name = "max_epochs" if self.interval == "epoch" else "max_steps"
+        name, limit = min(limits, key=lambda item: item[1])
+        unit = self.interval + "s"
+        unreachable = (
+            [p for p in self.points if p >= limit]
+            if self.interval == "epoch"
+            else [p for p in self.points if p > limit]
+        )
         if unreachable:
             warnings.warn(
-                f"`schedule` has prune points {unreachable} ({self.interval}s) past the trainer's {name}={limit}: "
-                "they will never run.",
+                f"`schedule` has prune points {unreachable} ({unit}) past the trainer's {name}: they will never run.",
                 UserWarning,
                 stacklevel=2,
             )
         last = limit - 1 if self.interval == "epoch" else limit
         if last in self.points:
             warnings.warn(
-                f"`schedule` cuts at {self.interval} {last}, the last one ({name}={limit}): the pruned model gets "
+                f"`schedule` cuts at {self.interval} {last}, the last one ({name}): the pruned model gets "
                 "no training to recover.",
                 UserWarning,
                 stacklevel=2,
             )
+
+    def _limits(self, max_epochs: int | None, max_steps: int | None, steps_per_epoch: int | None) -> list:
+        """(what the limit is called, the first epoch / the last step it allows) for each limit that applies."""
+        epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
+        steps = max_steps if max_steps is not None and max_steps >= 0 else None
+        per_epoch = steps_per_epoch if steps_per_epoch and steps_per_epoch > 0 else None
+        if self.interval == "epoch":
+            limits = [(f"max_epochs={epochs}", epochs)] if epochs is not None else []
+            if steps is not None and per_epoch:
+                limits.append((f"max_steps={steps} ({per_epoch} steps per epoch)", math.ceil(steps / per_epoch)))
+            return limits
+        limits = [(f"max_steps={steps}", steps)] if steps is not None else []
+        if epochs is not None and per_epoch:
+            limits.append((f"max_epochs={epochs} ({per_epoch} steps per epoch)", epochs * per_epoch))
+        return limits
 
     def to_dict(self) -> dict:
         return {"interval": self.interval, "points": dict(self.points)}

@@ -8,7 +8,8 @@ also have ``calibrate(model, batches, loss_fn)``, called on a few calibration ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from difflib import get_close_matches
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
+from lightning_halfprune import layers
 from lightning_halfprune.surgery import run_model
 
 __all__ = [
@@ -227,7 +229,7 @@ class MagnitudeScorer(tp.importance.GroupMagnitudeImportance):
     faster than the model. Here each layer's per-channel sums are reductions over the weight as it lies in
     memory (the output dim for producers, the input dim for consumers, the scale of norms), then indexed. Same
     layers, same reduction (``group_reduction``) and normalisation (``normalizer``) as torch-pruning, equal to
-    float tolerance.
+    float tolerance; linear-like layers torch-pruning skips (HF ``Conv1D``, peft adapters) count too.
     """
 
     @torch.no_grad()
@@ -236,6 +238,12 @@ class MagnitudeScorer(tp.importance.GroupMagnitudeImportance):
         for i, (dep, idxs) in enumerate(group):
             layer, prune_fn = dep.layer, dep.pruning_fn
             if not isinstance(layer, tuple(self.target_types)):
+                matrix = layers.weight_matrix(layer) if isinstance(layer, nn.Module) else None
+                if matrix is not None:  # HF Conv1D, peft adapters: their (out, in) weight
+                    out = group._DG is None or group._DG.is_out_channel_pruning_fn(dep.handler)
+                    index = torch.as_tensor(idxs, dtype=torch.long, device=matrix.device)
+                    group_imp.append(_power_sum(matrix, self.p, keep_dim=0 if out else 1)[index])
+                    group_idxs.append(group[i].root_idxs)
                 continue
             weight = getattr(layer, "weight", None)
             if prune_fn in (tp_function.prune_conv_out_channels, tp_function.prune_linear_out_channels):
@@ -305,6 +313,20 @@ def get_scorer(scorer: str | Scorer) -> Scorer:
     if not callable(scorer):
         raise TypeError(f"`scorer` must be a name or a callable scorer(group) -> Tensor, got {scorer!r}.")
     return scorer
+
+
+@contextlib.contextmanager
+def state_kept(scorer: Scorer) -> Iterator[None]:
+    """Score inside the block without moving the scorer's random generators (a dry run draws nothing)."""
+    generators = (
+        [g for g in vars(scorer).values() if isinstance(g, torch.Generator)] if hasattr(scorer, "__dict__") else []
+    )
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
 
 
 def needs_data(scorer: Scorer) -> bool:

@@ -26,7 +26,7 @@ from torch_pruning import ops
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune import attention as attn
-from lightning_halfprune import hf_config
+from lightning_halfprune import hf_config, layers
 from lightning_halfprune.group_search import all_groups
 
 ROOT_TYPES = (ops.TORCH_CONV, ops.TORCH_LINEAR)
@@ -93,11 +93,21 @@ class ParamRemap:
         return self.steps[param][0] if param in self.steps else param
 
     def slice_like(self, param: torch.Tensor, value: Any) -> Any:
-        """Slice ``value`` (e.g. an optimizer state tensor) the way ``param`` was sliced, if shaped like it."""
-        if param not in self.steps or not torch.is_tensor(value) or value.shape != param.shape:
+        """Slice ``value`` (e.g. an optimizer state tensor) the way ``param`` was sliced.
+
+        A tensor shaped like ``param``, or broadcasting against it (size 1 where Adafactor factors a dimension),
+        is sliced along every pruned dimension it has; scalars and non-tensors are returned as they are. Raises
+        ``ValueError`` for a tensor of another shape (e.g. a flat vector over all parameters): it cannot follow.
+        """
+        if param not in self.steps or not torch.is_tensor(value) or value.numel() <= 1:
             return value
+        shape = list(param.shape)
+        if value.dim() != len(shape) or any(v not in (s, 1) for v, s in zip(value.shape, shape, strict=True)):
+            raise ValueError(f"state of shape {tuple(value.shape)} for a parameter of shape {tuple(shape)}")
         for dim, keep in self.steps[param][1]:
-            value = torch.index_select(value, dim, keep.to(value.device))
+            if value.shape[dim] == shape[dim] != 1:
+                value = torch.index_select(value, dim, keep.to(value.device))
+            shape[dim] = len(keep)
         return value
 
     def __len__(self) -> int:
@@ -115,14 +125,30 @@ def run_model(model: nn.Module, x: Any) -> Any:
 
 @contextlib.contextmanager
 def graph_safe(model: nn.Module) -> Iterator[None]:
-    """Grad enabled (also inside inference mode), and every module's train/eval mode restored afterwards."""
+    """Grad enabled (also inside inference mode); every module's train/eval mode and buffer values restored after.
+
+    HalfPrune's own forward passes (tracing, checks, MACs, timing, scoring) leave no trace in the model: a
+    BatchNorm traced in train mode, or a fake-quantization observer (QAT), which observes in eval mode too, gets
+    its statistics back, also where it resized them in place. Buffers the block replaced (a cut makes new ones)
+    are the block's result and kept.
+    """
     modes = {m: m.training for m in model.modules()}
+    buffers = [
+        (m, name, b, b.detach().clone())
+        for m in model.modules()
+        for name, b in m._buffers.items()
+        if b is not None and not b.is_inference()
+    ]
     try:
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         for m, training in modes.items():
             m.training = training
+        with torch.no_grad():
+            for m, name, b, value in buffers:
+                if m._buffers.get(name) is b:  # observers resize theirs in place to a pruned layer's width
+                    b.resize_(value.shape).copy_(value)
 
 
 def resolve_ignored(model: nn.Module, ignored: Sequence[str | nn.Module] | None) -> list[nn.Module]:
@@ -220,7 +246,7 @@ class Surgeon:
                     example_inputs=_plain_tensors(self.example_input),
                     forward_fn=run_model,
                     output_transform=_output_tensors,
-                    customized_pruners=attn.customized_pruners(),
+                    customized_pruners=layers.customized_pruners(self.model),
                     verbose=False,
                 )
             except Exception as err:
@@ -240,7 +266,7 @@ class Surgeon:
         # from them through rotary embeddings is what made torch-pruning hang on Llama
         not_roots = ignored + [m for s in specs for m in s.inputs]
         outputs = {s.o for s in specs}
-        roots = ROOT_TYPES + tuple(attn.customized_pruners())
+        roots = ROOT_TYPES + tuple(layers.customized_pruners(self.model))
         holders = _shared_parameter_holders(self.model)
         found = []
         for group in all_groups(graph, self.model, not_roots, roots):
@@ -256,7 +282,7 @@ class Surgeon:
             for s in specs:
                 if s.root in ignored or s.module in ignored or s.root not in graph.module2node:
                     continue
-                found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), attn.out_width(s.root), 1, s))
+                found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), layers.out_width(s.root), 1, s))
         self._groups = (self._signature, found)
         return found
 
@@ -676,12 +702,11 @@ def _head_units(spec: attn.AttentionSpec, scores: torch.Tensor | None) -> torch.
 
 
 def _score_or_magnitude(g: ChannelGroup, score: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
-    """The scorer's scores; weight magnitude where it cannot read the group's layers (HF ``Conv1D``)."""
+    """The scorer's scores; weight magnitude where it cannot read the group's layers (HF ``Conv1D``, peft adapters)."""
     scores = score(g.group)
     if scores is None or (hasattr(scores, "__len__") and len(scores) == 0):
-        conv1d = attn.conv1d_class()
-        if conv1d is not None and any(isinstance(item.dep.target.module, conv1d) for item in g.group):
-            return attn.magnitude(g.group, g.width)
+        if any(layers.needs_fallback(item.dep.target.module) for item in g.group):
+            return layers.magnitude(g.group, g.width)
     return scores
 
 
@@ -699,8 +724,24 @@ def _check_scores(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor 
             "nothing was pruned."
         )
     if not torch.isfinite(scores).all():
+        broken = _non_finite_weights(g)
+        if broken:
+            raise SurgeryError(
+                f"the weights of layer {broken!r} hold NaN or inf (has training diverged?), so its channels cannot be "
+                "ranked; nothing was pruned."
+            )
         raise SurgeryError(f"the scorer returned NaN or inf scores for layer {g.name!r}; nothing was pruned.")
     return scores
+
+
+def _non_finite_weights(g: ChannelGroup) -> str | None:
+    """The name of a layer of the group whose parameters hold NaN or inf, if any."""
+    graph = g.group._DG
+    for item in g.group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Module) and any(not torch.isfinite(p).all() for p in module.parameters(False)):
+            return graph._module2name.get(module, type(module).__name__) if graph is not None else type(module).__name__
+    return None
 
 
 def _per_slot(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,47 @@
+"""What can be checked when training starts, said then rather than found epochs later.
+
+The schedule against the trainer's limits once the steps per epoch are known, and a metric (``monitor``, the
+accuracy guard) that no validation will ever produce.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one training epoch; None when the number of batches is unknown (iterable data)."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) and not (isinstance(batches, float) and math.isfinite(batches)):
+        return None
+    return max(1, math.ceil(int(batches) / max(trainer.accumulate_grad_batches, 1)))
+
+
+def warn_if_nothing_validates(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str | None, guard: bool
+) -> None:
+    """A ``monitor`` (and the guard judging it) with no validation in the fit: nothing will ever be measured."""
+    if not monitor:
+        return
+    why = None
+    if not is_overridden("validation_step", pl_module):
+        why = "the LightningModule has no `validation_step`"
+    elif trainer.limit_val_batches == 0:
+        why = "`limit_val_batches=0`"
+    elif not trainer.enable_validation:
+        why = "the fit has no validation data"
+    if why is None:
+        return
+    what = (
+        f"the accuracy guard (`max_drop`) cannot judge any cut and is inactive, and `{monitor}`"
+        if guard
+        else (f"`{monitor}`")
+    )
+    rank_zero_warn(
+        f"HalfPrune monitors `{monitor}`, but no validation runs in this fit ({why}): {what} is never "
+        "reported around the cuts."
+    )
