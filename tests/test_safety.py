@@ -342,3 +342,14 @@ def test_a_scorer_failing_on_a_group_mid_fit_leaves_that_group_out_and_training_
     assert len(prune.left_out) == 1 and len(prune.history) == 1
     assert all(layer not in prune.left_out for layer, _ in prune.history[0]["cuts"])
     assert len(model.losses) > 0 and all(v == v for v in model.losses)
+
+
+def test_a_module_holding_torchmetrics_is_pruned_with_customized_pruners_registered():
+    """torchmetrics' Metric overloads ==: torch-pruning's `module in ignored` once made every layer look ignored."""
+    import transformers.pytorch_utils  # noqa: F401  (registers HF Conv1D's pruner: torch-pruning fills its ignore list)
+
+    from lightning_halfprune.demo import CNN1D
+
+    model = CNN1D(channels=16)
+    surgeon = Surgeon(model, model.example_input_array, [model.classifier])
+    assert len(surgeon.groups()) == 3

@@ -19,6 +19,29 @@ from torch import nn
 from torch_pruning.dependency import index_mapping
 
 
+class ByIdentity(list):
+    """A list of modules whose membership test is identity, as torch-pruning's ignore lists need.
+
+    torch-pruning asks ``module in ignored_layers``, which compares with ``==``; a torchmetrics ``Metric`` (a
+    LightningModule's accuracy) overloads ``==`` to build a new metric, which is truthy, so once one is in the list
+    every layer seemed ignored and a model with a customized pruner (transformers or peft imported) had nothing
+    prunable.
+    """
+
+    def __contains__(self, item: object) -> bool:
+        return any(item is x for x in self)
+
+    def __add__(self, other: list) -> ByIdentity:
+        return ByIdentity([*self, *other])
+
+
+def new_graph() -> tp.DependencyGraph:
+    """An empty dependency graph whose list of layers ignored in tracing compares by identity (see ``ByIdentity``)."""
+    graph = tp.DependencyGraph()
+    graph.IGNORED_LAYERS_IN_TRACING = ByIdentity()
+    return graph
+
+
 class _Diverged(Exception):
     """The indices of one group grew beyond any width the model has."""
 
@@ -40,7 +63,7 @@ def all_groups(
     graph.get_pruning_group = guarded  # this search only: instance attribute over the method
     try:
         with _bounded_flatten(_widest(model)):
-            found = [g for g in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=roots) if g]
+            found = [g for g in graph.get_all_groups(ignored_layers=ByIdentity(ignored), root_module_types=roots) if g]
     finally:
         del graph.get_pruning_group
     if skipped:

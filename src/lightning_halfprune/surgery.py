@@ -27,7 +27,7 @@ from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune import attention as attn
 from lightning_halfprune import hf_config, layers
-from lightning_halfprune.group_search import all_groups
+from lightning_halfprune.group_search import all_groups, new_graph
 
 ROOT_TYPES = (ops.TORCH_CONV, ops.TORCH_LINEAR)
 _SKIPPED_OUTPUTS = ("past_key_values", "hidden_states", "attentions", "cross_attentions")
@@ -241,7 +241,7 @@ class Surgeon:
         self.graph_builds += 1
         with graph_safe(self.model), attn.without_kv_cache(self.model):
             try:
-                return tp.DependencyGraph().build_dependency(
+                return new_graph().build_dependency(
                     self.model,
                     example_inputs=_plain_tensors(self.example_input),
                     forward_fn=run_model,
