@@ -36,8 +36,8 @@ def _train(variant: str, seed: int, epochs: int, scorer: str, quick: bool) -> di
     from lightning.pytorch.callbacks import ModelPruning
 
     from lightning_halfprune import HalfPrune, Schedule
+    from lightning_halfprune.core.measure import MacCounter, count_params, measure_latency
     from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
-    from lightning_halfprune.measure import MacCounter, count_params, measure_latency
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(THREADS)

@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from lightning_halfprune.scoring import get_scorer
-from lightning_halfprune.surgery import Surgeon
+from lightning_halfprune.core.scoring import get_scorer
+from lightning_halfprune.core.surgeon import Surgeon
 
 REPEATS = 3
 PLAIN_LIMIT_S = 60

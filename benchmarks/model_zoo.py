@@ -222,7 +222,7 @@ def run_one(name: str) -> dict:
     import torch
 
     from lightning_halfprune import HalfPrune, load_pruned
-    from lightning_halfprune.measure import count_params
+    from lightning_halfprune.core.measure import count_params
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -288,7 +288,7 @@ def run_one(name: str) -> dict:
 
 def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
     from lightning_halfprune import HalfPrune
-    from lightning_halfprune.measure import count_params
+    from lightning_halfprune.core.measure import count_params
 
     again = ZooModule(name)
     sub = os.path.join(root, "resume")

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_halfprune.core.measure import count_params
+from lightning_halfprune.core.preflight import preflight
+from lightning_halfprune.core.scoring import get_scorer
+from lightning_halfprune.core.surgeon import Surgeon
 from lightning_halfprune.demo import CNN1D
-from lightning_halfprune.measure import count_params
-from lightning_halfprune.preflight import preflight
-from lightning_halfprune.scoring import get_scorer
-from lightning_halfprune.surgery import Surgeon
 
 REPS = 7
 

@@ -129,9 +129,9 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
     import torch
 
     from lightning_halfprune import HalfPrune, Schedule
+    from lightning_halfprune.core.measure import MacCounter, count_params
     from lightning_halfprune.demo import MNIST1DDataModule
-    from lightning_halfprune.distill import Distiller
-    from lightning_halfprune.measure import MacCounter, count_params
+    from lightning_halfprune.fit.distill import Distiller
 
     sys.path.insert(0, HERE)
     from common import quiet_trainer
@@ -268,7 +268,7 @@ def latency_side_by_side(task: str, rounds: int = 7) -> dict[int, tuple[float, f
     """Median (and min/max over rounds) ms per batch of 256 for the dense, half and quarter width nets, interleaved."""
     import torch
 
-    from lightning_halfprune.measure import MacCounter, measure_latency
+    from lightning_halfprune.core.measure import MacCounter, measure_latency
 
     torch.set_num_threads(1)
     models = {}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_halfprune import RedundancyScorer
-from lightning_halfprune.surgery import Surgeon
+from lightning_halfprune.core.surgeon import Surgeon
 
 
 def main() -> None:

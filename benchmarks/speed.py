@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_halfprune import HalfPrune, Schedule
+from lightning_halfprune.core.measure import MacCounter, count_params
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
-from lightning_halfprune.measure import MacCounter, count_params
 
 
 class FashionData(pl.LightningDataModule):

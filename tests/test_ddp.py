@@ -69,7 +69,7 @@ def test_a_ddp_checkpoint_resumes_under_ddp_and_on_one_device(tmp_path):
 def test_unsupported_strategies_are_refused_at_setup():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-    from lightning_halfprune.distributed import check_strategy
+    from lightning_halfprune.fit.distributed import check_strategy
 
     with pytest.raises(ValueError, match="not strategy FSDPStrategy"):
         check_strategy(FSDPStrategy())  # FSDP needs GPUs to run; the check happens in setup, before any step

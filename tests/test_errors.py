@@ -129,8 +129,8 @@ def test_a_qat_model_refused_is_exactly_as_before_observers_included(tmp_path):
 
 
 def test_interrupted_surgery_leaves_the_model_and_optimizer_wholly_before(tmp_path):
-    from lightning_halfprune.scoring import get_scorer
-    from lightning_halfprune.surgery import Surgeon
+    from lightning_halfprune.core.scoring import get_scorer
+    from lightning_halfprune.core.surgeon import Surgeon
 
     model = Classifier("resnet")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -165,8 +165,8 @@ def test_graph_is_built_once_and_modes_restored(tmp_path):
 
 
 def test_surgery_under_inference_mode_restores_eval_mode(tmp_path):
-    from lightning_halfprune.scoring import get_scorer
-    from lightning_halfprune.surgery import Surgeon
+    from lightning_halfprune.core.scoring import get_scorer
+    from lightning_halfprune.core.surgeon import Surgeon
 
     model = Classifier("resnet").eval()
     with torch.inference_mode():

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_halfprune import HalfPrune
-from lightning_halfprune.rebind import CarryError, check_optimizers
+from lightning_halfprune.fit.rebind import CarryError, check_optimizers
 from models import loaders, trainer
 
 OPTIMIZERS = sorted(

@@ -9,10 +9,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_halfprune import HalfPrune, load_pruned
-from lightning_halfprune.preflight import PreflightWarning, preflight
-from lightning_halfprune.rebind import rebind_optimizers
-from lightning_halfprune.scoring import get_scorer
-from lightning_halfprune.surgery import BrokenForward, Surgeon, SurgeryError
+from lightning_halfprune.core.errors import BrokenForward, SurgeryError
+from lightning_halfprune.core.preflight import PreflightWarning, preflight
+from lightning_halfprune.core.scoring import get_scorer
+from lightning_halfprune.core.surgeon import Surgeon
+from lightning_halfprune.fit.rebind import rebind_optimizers
 from models import FAMILIES, Classifier, loaders, trainer
 
 X = torch.zeros(2, 3, 8, 8)

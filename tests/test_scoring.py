@@ -7,7 +7,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_halfprune import SCORERS, CalibratedScorer, HalfPrune, RedundancyScorer
-from lightning_halfprune.surgery import Surgeon
+from lightning_halfprune.core.surgeon import Surgeon
 from models import Classifier, loaders, trainer
 
 
@@ -98,7 +98,7 @@ def test_a_scorer_with_the_wrong_number_of_scores_names_the_layer(tmp_path):
 
 
 def test_a_data_driven_scorer_without_data_says_what_to_pass(tmp_path):
-    from lightning_halfprune.calibration import take_batches
+    from lightning_halfprune.fit.batches import take_batches
 
     with pytest.raises(ValueError, match="pass `calibration_dataloader=`"):
         take_batches(None, 8, torch.device("cpu"))

@@ -9,12 +9,13 @@ import torch
 import torch_pruning as tp
 
 from lightning_halfprune import HalfPrune
+from lightning_halfprune.core.latency import compare, verdict
+from lightning_halfprune.core.measure import MacCounter
+from lightning_halfprune.core.scoring import SCORERS, MagnitudeScorer
+from lightning_halfprune.core.snapshot import ModuleSnapshot
+from lightning_halfprune.core.surgeon import Surgeon
+from lightning_halfprune.core.target import cuts_for_fraction
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
-from lightning_halfprune.latency import compare, verdict
-from lightning_halfprune.measure import MacCounter
-from lightning_halfprune.scoring import SCORERS, MagnitudeScorer
-from lightning_halfprune.surgery import Surgeon, _ModuleSnapshot
-from lightning_halfprune.target import cuts_for_fraction
 from models import FAMILIES, trainer
 
 
@@ -42,7 +43,7 @@ def _pruned_to_a_quarter_of_the_macs():
     x = model.example_input_array
     surgeon = Surgeon(model, x, [model.classifier], global_pruning=True)
     original, counter = MacCounter()(model, x), MacCounter()
-    old = _ModuleSnapshot(model)
+    old = ModuleSnapshot(model)
     cuts, _, _ = cuts_for_fraction(surgeon, MagnitudeScorer(), lambda: counter(model, x) / original, 0.25)
     surgeon.cut(cuts)
     assert abs(counter(model, x) / original - 0.25) < 0.02
@@ -75,7 +76,7 @@ def test_same_architecture_is_not_measurable_and_logs_no_number():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     compare(model, old, x, batch_size=16, budget_s=0.2)
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched
-    same = compare(model, _ModuleSnapshot(model), x, batch_size=16, budget_s=0.3)
+    same = compare(model, ModuleSnapshot(model), x, batch_size=16, budget_s=0.3)
     assert same.ratio is None and same.scalars("s") == {"s_measurable": 0.0}
     assert same.label().startswith("speed-up not measurable here")
 

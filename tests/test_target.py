@@ -5,8 +5,8 @@ import torch
 import yaml
 
 from lightning_halfprune import HalfPrune
+from lightning_halfprune.core.measure import MacCounter, count_params
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
-from lightning_halfprune.measure import MacCounter, count_params
 from models import Classifier, PlainCNN, ResNetish, TransformerBlock, loaders, trainer
 from test_cli import ROOT, halfprune
 

@@ -14,8 +14,10 @@ pytest.importorskip("transformers")
 
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune import attention as attn  # noqa: E402
-from lightning_halfprune.measure import MacCounter, count_params  # noqa: E402
-from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError  # noqa: E402
+from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
+from lightning_halfprune.core.measure import MacCounter, count_params  # noqa: E402
+from lightning_halfprune.core.plan import Cut  # noqa: E402
+from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
 from transformer_models import Wrapper, loader  # noqa: E402
 
 
@@ -244,7 +246,7 @@ def test_gpt2_called_with_its_kv_cache_on_traces_and_cuts():
     # users call `model(input_ids=x)`; GPT-2 then builds a key/value cache whose torch.cat torch-pruning cannot follow
     import transformers as tf
 
-    from lightning_halfprune.scoring import get_scorer
+    from lightning_halfprune.core.scoring import get_scorer
 
     torch.manual_seed(0)
     lm = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_head=4, n_layer=2, n_positions=32, vocab_size=64))
@@ -272,7 +274,7 @@ def test_kept_embeddings_that_cap_the_params_drop_are_announced(caplog):
     """A transformer whose embeddings hold most params: the user is told why params cannot fall by half."""
     import transformers as tf
 
-    from lightning_halfprune.preflight import note_kept_embeddings
+    from lightning_halfprune.core.preflight import note_kept_embeddings
 
     net = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_head=4, n_layer=1, n_positions=32, vocab_size=2000))
     with caplog.at_level("INFO"):
@@ -318,7 +320,7 @@ def test_global_pruning_ranks_whole_heads_with_the_mlp_channels():
     surgeon = Surgeon(model, model.example_input_array, global_pruning=True)
     before = {s.root_name: s.num_heads for s in attn.find_attention(model)}
     widths = {g.name: g.width for g in surgeon.groups()}
-    from lightning_halfprune.scoring import get_scorer
+    from lightning_halfprune.core.scoring import get_scorer
 
     cuts = surgeon.plan(0.5, get_scorer("l2"))
     surgeon.cut(cuts)

@@ -6,9 +6,7 @@
 from lightning_halfprune import plain_load
 from lightning_halfprune.callback import HalfPrune
 from lightning_halfprune.checkpoint import CheckpointError, export, load_pruned
-from lightning_halfprune.report import ModelStats, PruneReport
-from lightning_halfprune.schedule import Cubic, Linear, OneShot, Schedule
-from lightning_halfprune.scoring import (
+from lightning_halfprune.core.scoring import (
     SCORERS,
     ActivationScorer,
     CalibratedScorer,
@@ -17,6 +15,8 @@ from lightning_halfprune.scoring import (
     Scorer,
     TaylorScorer,
 )
+from lightning_halfprune.report import ModelStats, PruneReport
+from lightning_halfprune.schedule import Cubic, Linear, OneShot, Schedule
 
 __version__ = "0.1.0"
 

@@ -18,25 +18,31 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_halfprune import arguments, averaging, best, compiled, monitor, publish, retry, scoring, start_checks
 from lightning_halfprune import checkpoint as ckpt
-from lightning_halfprune.attention import AttentionMode
-from lightning_halfprune.attention import check_mode as check_attention_mode
-from lightning_halfprune.calibration import fed_input, model_input, take_batches, training_loss, undisturbed
-from lightning_halfprune.distill import Distiller
-from lightning_halfprune.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
-from lightning_halfprune.guard import AccuracyGuard, ModelSnapshot, Watch
-from lightning_halfprune.latency import SideBySide, SpeedUp
-from lightning_halfprune.measure import MacCounter, count_params, layer_widths
-from lightning_halfprune.preflight import cut_safely, drop_failed, guarded, note_kept_embeddings, preflight
-from lightning_halfprune.rebind import check_optimizers, rebind_optimizers, rewrap_ddp
-from lightning_halfprune.regularize import add_bn_l1_grad, add_group_lasso_grad
+from lightning_halfprune import options as arguments
+from lightning_halfprune import publish
+from lightning_halfprune.core import scoring
+from lightning_halfprune.core.attention import AttentionMode
+from lightning_halfprune.core.attention import check_mode as check_attention_mode
+from lightning_halfprune.core.graph import resolve_ignored
+from lightning_halfprune.core.latency import SideBySide, SpeedUp
+from lightning_halfprune.core.measure import MacCounter, count_params, layer_widths
+from lightning_halfprune.core.plan import Cut
+from lightning_halfprune.core.preflight import cut_safely, drop_failed, guarded, note_kept_embeddings, preflight
+from lightning_halfprune.core.scoring import Scorer, get_scorer, needs_data
+from lightning_halfprune.core.surgeon import Surgeon
+from lightning_halfprune.core.target import Aim, Target, Targeter, check_target
+from lightning_halfprune.fit import averaging, best, compiled, monitor, retry
+from lightning_halfprune.fit import checks as start_checks
+from lightning_halfprune.fit.batches import fed_input, model_input, take_batches, training_loss, undisturbed
+from lightning_halfprune.fit.distill import Distiller
+from lightning_halfprune.fit.distributed import agreed, check_strategy, from_rank_zero, mean_over_ranks
+from lightning_halfprune.fit.guard import AccuracyGuard, ModelSnapshot, Watch
+from lightning_halfprune.fit.rebind import check_optimizers, rebind_optimizers, rewrap_ddp
+from lightning_halfprune.fit.regularize import add_bn_l1_grad, add_group_lasso_grad
+from lightning_halfprune.fit.rewind import LRRewinder
 from lightning_halfprune.report import ModelStats, PruneReport
-from lightning_halfprune.rewind import LRRewinder
 from lightning_halfprune.schedule import Schedule
-from lightning_halfprune.scoring import Scorer, get_scorer, needs_data
-from lightning_halfprune.surgery import Cut, Surgeon, resolve_ignored
-from lightning_halfprune.target import Aim, Target, Targeter, check_target
 
 
 class HalfPrune(Callback):

@@ -20,8 +20,10 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.core.module import _jit_is_scripting
 from torch import nn
 
-from lightning_halfprune.layers import out_width
-from lightning_halfprune.surgery import Cut, Surgeon, SurgeryError
+from lightning_halfprune.core.errors import SurgeryError
+from lightning_halfprune.core.layers import out_width
+from lightning_halfprune.core.plan import Cut
+from lightning_halfprune.core.surgeon import Surgeon
 
 KEY = "halfprune"
 _LIGHTNING_KEYS = ("_instantiator", "_class_path")  # what LightningCLI adds to saved hyperparameters

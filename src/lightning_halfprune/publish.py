@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_halfprune.latency import SpeedUp
+from lightning_halfprune.core.latency import SpeedUp
 from lightning_halfprune.report import PruneReport, final_summary, summary_table
 
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_halfprune.latency import SpeedUp
-    from lightning_halfprune.target import Aim
+    from lightning_halfprune.core.latency import SpeedUp
+    from lightning_halfprune.core.target import Aim
 
 
 @dataclass

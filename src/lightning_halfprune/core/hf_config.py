@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_halfprune import attention as attn
-from lightning_halfprune import layers
+from lightning_halfprune.core import attention as attn
+from lightning_halfprune.core import layers
 
 # the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
 _MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_halfprune.measure import repeat_batch
-from lightning_halfprune.surgery import _ModuleSnapshot, graph_safe, run_model
+from lightning_halfprune.core.graph import graph_safe, run_model
+from lightning_halfprune.core.measure import repeat_batch
+from lightning_halfprune.core.snapshot import ModuleSnapshot
 
 MIN_PAIRS = 6
 MAX_PAIRS = 400
@@ -85,7 +86,7 @@ class SpeedUp:
 
 def compare(
     model: nn.Module,
-    old: _ModuleSnapshot,
+    old: ModuleSnapshot,
     example_input: Any,
     batch_size: int,
     budget_s: float = 1.0,
@@ -98,7 +99,7 @@ def compare(
     stops once ``budget_s`` of timing is spent (on one CPU thread: its CPU time, so a loaded machine still gets
     its pairs) and ``MIN_PAIRS`` pairs are timed, and after ``HARD_STOP * budget_s`` wall-clock seconds anyway.
     """
-    new = _ModuleSnapshot(model)
+    new = ModuleSnapshot(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     old = on_device(old, device)
     x = repeat_batch(example_input, batch_size)
@@ -116,7 +117,7 @@ def compare(
             model.eval()
             timer = _cuda_timer if device.type == "cuda" else _thread_timer if threads == 1 else _cpu_timer
 
-            def run(state: _ModuleSnapshot, calls: int, repeats: int = REPEATS) -> float:
+            def run(state: ModuleSnapshot, calls: int, repeats: int = REPEATS) -> float:
                 state.restore()  # also restores the train/eval flags of that moment: eval again
                 model.eval()
                 return min(timer(lambda: run_model(model, x), calls) for _ in range(repeats))
@@ -193,13 +194,13 @@ def _median_interval(ratios: list[float]) -> tuple[float, float]:
     return ratios[max(0, math.floor(n / 2 - half))], ratios[min(n - 1, math.ceil(n / 2 + half) - 1)]
 
 
-def cpu_copy(model: nn.Module) -> _ModuleSnapshot:
+def cpu_copy(model: nn.Module) -> ModuleSnapshot:
     """A snapshot of ``model``'s architecture with its parameters and buffers copied to CPU memory.
 
     Kept from fit start to time the original architecture against the final one: costs one copy of the model's
     tensors in host memory (e.g. 100 MB for 25M float32 parameters), nothing on the accelerator until used.
     """
-    snapshot = _ModuleSnapshot(model)
+    snapshot = ModuleSnapshot(model)
     snapshot.saved = [
         (m, state, {k: _copy(v, "cpu") for k, v in params.items()}, {k: _copy(v, "cpu") for k, v in buffers.items()})
         for m, state, params, buffers in snapshot.saved
@@ -207,12 +208,12 @@ def cpu_copy(model: nn.Module) -> _ModuleSnapshot:
     return snapshot
 
 
-def on_device(snapshot: _ModuleSnapshot, device: torch.device) -> _ModuleSnapshot:
+def on_device(snapshot: ModuleSnapshot, device: torch.device) -> ModuleSnapshot:
     """``snapshot`` with its tensors on ``device`` (the same object if they already are)."""
     tensors = [t for _, _, params, buffers in snapshot.saved for t in (*params.values(), *buffers.values())]
     if all(t is None or t.device == device for t in tensors):
         return snapshot
-    moved = _ModuleSnapshot.__new__(_ModuleSnapshot)
+    moved = ModuleSnapshot.__new__(ModuleSnapshot)
     moved.saved = [
         (m, state, {k: _copy(v, device) for k, v in params.items()}, {k: _copy(v, device) for k, v in buffers.items()})
         for m, state, params, buffers in snapshot.saved
@@ -268,7 +269,7 @@ class SideBySide:
 
     def __init__(self, batch_size: int, budget_s: float = 1.0, threads: int | None = 1) -> None:
         self.batch_size, self.budget_s, self.threads = batch_size, budget_s, threads
-        self.original: _ModuleSnapshot | None = None
+        self.original: ModuleSnapshot | None = None
 
     @property
     def enabled(self) -> bool:
@@ -280,11 +281,11 @@ class SideBySide:
             self.threads = self.threads or torch.get_num_threads()
             self.original = cpu_copy(model)
 
-    def before_cut(self, model: nn.Module) -> _ModuleSnapshot | None:
+    def before_cut(self, model: nn.Module) -> ModuleSnapshot | None:
         """What is needed to run the architecture about to be cut: references to its tensors, no copy."""
-        return _ModuleSnapshot(model) if self.enabled else None
+        return ModuleSnapshot(model) if self.enabled else None
 
-    def compare(self, model: nn.Module, old: _ModuleSnapshot | None, example_input: Any) -> SpeedUp | None:
+    def compare(self, model: nn.Module, old: ModuleSnapshot | None, example_input: Any) -> SpeedUp | None:
         """``model`` as it is now against ``old``, side by side; None when timing is off or there is no ``old``."""
         if not self.enabled or old is None:
             return None

@@ -20,13 +20,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_halfprune import attention as attn
-from lightning_halfprune.measure import count_params
-from lightning_halfprune.scoring import get_scorer
-from lightning_halfprune.surgery import BrokenForward, Cut, ParamRemap, Surgeon, SurgeryError
+from lightning_halfprune.core import attention as attn
+from lightning_halfprune.core import log
+from lightning_halfprune.core.cut import ParamRemap
+from lightning_halfprune.core.errors import BrokenForward, SurgeryError
+from lightning_halfprune.core.measure import count_params
+from lightning_halfprune.core.plan import Cut
+from lightning_halfprune.core.scoring import get_scorer
+from lightning_halfprune.core.surgeon import Surgeon
 
 SCORER = "l2"  # what the dry run plans with: needs no data, has no state
 MAX_LISTED = 8  # reasons listed in one message
@@ -73,7 +76,7 @@ def note_kept_embeddings(surgeon: Surgeon, ratio: float) -> None:
     tensors = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)}
     share = sum(tensors.values()) / max(count_params(model), 1)
     if share >= EMBEDDING_NOTE:
-        rank_zero_info(
+        log.info(
             f"HalfPrune keeps the embeddings ({share:.0%} of the params) and the residual stream width they set: at "
             f"ratio {ratio:g} the params can fall by at most about {(1 - share) * ratio:.0%}. "
             "`prune_hidden_size=True` cuts them too."
@@ -166,7 +169,7 @@ def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) 
             names,
         )
     when = "before training" if before_training else "at this prune point"
-    rank_zero_warn(
+    log.warn(
         f"HalfPrune leaves {len(names)} coupled group(s) alone for the rest of the fit, found {when}: cutting them "
         f"would break the model (the model was not changed).\n{reasons}\nAdd `ignored_layers={names}` to HalfPrune "
         "to make this explicit and skip this check.",

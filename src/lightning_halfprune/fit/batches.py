@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
-from lightning_halfprune.surgery import graph_safe
+from lightning_halfprune.core.graph import graph_safe
 
 
 @contextlib.contextmanager
@@ -193,7 +193,7 @@ def fed_input(module: Any, batch: Any, input_fn: Callable[[Any], Any] | None = N
     Raises ``ValueError`` describing the batch (its keys and shapes) if the model cannot run on it, so a batch that
     cannot be fed fails when training starts, not at the first cut.
     """
-    from lightning_halfprune.surgery import run_model
+    from lightning_halfprune.core.graph import run_model
 
     try:
         x = model_input(module, batch, input_fn)

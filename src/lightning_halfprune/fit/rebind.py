@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_halfprune.surgery import ParamRemap
+from lightning_halfprune.core.cut import ParamRemap
 
 # attributes every torch optimizer has; anything else holding parameters is a private cache
 _OWN = ("state", "param_groups", "defaults")

@@ -18,8 +18,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
-from lightning_halfprune import layers
-from lightning_halfprune.surgery import run_model
+from lightning_halfprune.core import layers
+from lightning_halfprune.core.graph import run_model
 
 __all__ = [
     "ActivationScorer",

@@ -11,7 +11,13 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lightning_halfprune.measure import evaluate_metric
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torchmetrics import Metric
+
+from lightning_halfprune.core.graph import graph_safe
+from lightning_halfprune.core.measure import batch_size_of
+from lightning_halfprune.fit.batches import logging_redirected
 
 _SUFFIX = re.compile(r"/dataloader_idx_(\d+)$")
 
@@ -67,3 +73,48 @@ def evaluate(module: Any, loaders: Any, name: str) -> float | None:
             if value is not None:
                 return value
     return None
+
+
+def evaluate_metric(
+    module: Any, dataloader: Any, monitor: str, max_batches: int | None = None, dataloader_idx: int | None = None
+) -> float | None:
+    """The value ``module.validation_step`` logs as ``monitor``, averaged over ``dataloader`` like Lightning does.
+
+    Runs outside the Trainer's loops: ``self.log`` calls are captured (the fit's own logging, checkpointing and
+    early stopping see nothing), the model is in eval mode under ``no_grad`` and its mode is restored. Values
+    logged per batch are averaged weighted by batch size; a logged torchmetrics ``Metric`` is computed at the end
+    and reset. Returns None if ``validation_step`` never logs ``monitor``. With several validation loaders pass
+    ``dataloader_idx``: it goes to ``validation_step`` and names are suffixed like Lightning does
+    (``val_acc/dataloader_idx_1``).
+    """
+    values: list[tuple[float, int]] = []
+    metrics: list[Metric] = []
+    size = [1]
+
+    def capture(
+        name: str, value: Any, *args: Any, batch_size: int | None = None, add_dataloader_idx: bool = True, **kwargs: Any
+    ) -> None:
+        if dataloader_idx is not None and add_dataloader_idx:
+            name = f"{name}/dataloader_idx_{dataloader_idx}"
+        if name != monitor:
+            return
+        if isinstance(value, Metric):
+            metrics[:] = [value]
+        else:
+            values.append((float(value), batch_size or size[0]))
+
+    with logging_redirected(module, capture), graph_safe(module), torch.no_grad():
+        module.eval()
+        for i, batch in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_data_to_device(batch, module.device)
+            size[0] = batch_size_of(batch)
+            module.validation_step(batch, i, *([] if dataloader_idx is None else [dataloader_idx]))
+    if metrics:
+        value = float(metrics[0].compute())
+        metrics[0].reset()
+        return value
+    if not values:
+        return None
+    return sum(v * n for v, n in values) / sum(n for _, n in values)

@@ -21,7 +21,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from torch import nn
 
-from lightning_halfprune.surgery import Cut, Surgeon, graph_safe
+from lightning_halfprune.core.graph import graph_safe
+from lightning_halfprune.core.plan import Cut
+from lightning_halfprune.core.surgeon import Surgeon
 
 try:  # Lightning >= 2.5
     from lightning.pytorch.callbacks import WeightAveraging

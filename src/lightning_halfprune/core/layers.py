@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
-from lightning_halfprune import lora
+from lightning_halfprune.core import lora
 
 
 def conv1d_class() -> type | None:

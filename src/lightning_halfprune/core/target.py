@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_halfprune.latency import SpeedUp
-from lightning_halfprune.surgery import Cut, Surgeon
+from lightning_halfprune.core.latency import SpeedUp
+from lightning_halfprune.core.plan import Cut
+from lightning_halfprune.core.surgeon import Surgeon
 
 Target = Literal["channels", "params", "macs", "latency"]
 TARGETS = ("channels", "params", "macs", "latency")

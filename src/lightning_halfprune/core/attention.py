@@ -34,8 +34,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
-from lightning_halfprune import layers
-from lightning_halfprune.layers import in_width, out_width
+from lightning_halfprune.core import layers
+from lightning_halfprune.core.layers import in_width, out_width
 
 AttentionMode = Literal["heads", "head_dim", "both", "none"]
 ATTENTION_MODES = ("heads", "head_dim", "both", "none")

@@ -1,0 +1,1 @@
+"""The mechanism of pruning: graphs, plans, cuts, scores, measures. Never imports Lightning."""

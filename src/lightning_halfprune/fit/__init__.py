@@ -1,0 +1,1 @@
+"""The Lightning-aware parts the callback delegates to: guard, distillation, rebinding, batches."""
