@@ -310,7 +310,7 @@ def _resume(ZooModule, name: str, root: str, data, model) -> bool | str:
 def _heads_whole(fresh, history: list, model) -> bool | str:
     """The first event's attention cuts (against the original shapes) are whole heads or the same offsets in every
     head, and every attention module's head count x head size matches its q width after fit."""
-    from lightning_halfprune import attention as attn
+    from lightning_halfprune.core import attention as attn
 
     specs = {s.root_name: s for s in attn.find_attention(fresh)}
     try:

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 pytest.importorskip("transformers")
 
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
-from lightning_halfprune import attention as attn  # noqa: E402
+from lightning_halfprune.core import attention as attn  # noqa: E402
 from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
 from lightning_halfprune.core.measure import MacCounter, count_params  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
