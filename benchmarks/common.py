@@ -35,7 +35,7 @@ def _train(variant: str, seed: int, epochs: int, scorer: str, quick: bool) -> di
     import torch_pruning as tp
     from lightning.pytorch.callbacks import ModelPruning
 
-    from lightning_halfprune import HalfPrune, Schedule
+    from lightning_halfprune import Cubic, HalfPrune
     from lightning_halfprune.core.measure import MacCounter, count_params, measure_latency
     from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
 
@@ -47,7 +47,7 @@ def _train(variant: str, seed: int, epochs: int, scorer: str, quick: bool) -> di
     callbacks, cut_at = [], epochs * 2 // 5
     prune = None
     if variant == "halfprune":
-        schedule = Schedule.cubic(start=epochs // 5, end=epochs // 2, ratio=0.5, every=max(1, epochs // 10))
+        schedule = Cubic(start=epochs // 5, end=epochs // 2, ratio=0.5, every=max(1, epochs // 10))
         prune = HalfPrune(schedule, scorer=scorer, monitor="val_acc", verbose=False, latency_batch_size=0)
     elif variant == "oneshot":
         prune = HalfPrune({cut_at: 0.5}, scorer=scorer, monitor="val_acc", verbose=False, latency_batch_size=0)

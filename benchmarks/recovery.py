@@ -128,7 +128,7 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
     import lightning.pytorch as pl
     import torch
 
-    from lightning_halfprune import HalfPrune, Schedule
+    from lightning_halfprune import Distill, HalfPrune, OneShot, Sparsity
     from lightning_halfprune.core.measure import MacCounter, count_params
     from lightning_halfprune.demo import MNIST1DDataModule
     from lightning_halfprune.fit.distill import Distiller
@@ -149,12 +149,12 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
     if variant == "scratch_kd":
         teacher = _model(task, full)
         teacher.load_state_dict(torch.load(_teacher_path(task, seed, quick)))
-        distiller = Distiller(ALPHA, TEMPERATURE)
-        distiller.set_teacher(teacher)
+        distiller = Distiller(Distill(alpha=ALPHA, temperature=TEMPERATURE))
+        distiller.take_teacher(teacher)
         distiller.attach(model)
     elif variant.startswith("hp"):
         if variant.endswith("oneshot"):
-            schedule = Schedule.one_shot(at=epochs * 2 // 5, ratio=ratio)
+            schedule = OneShot(at=epochs * 2 // 5, ratio=ratio)
         else:
             schedule = _cubic(epochs, ratio)
         prune = HalfPrune(
@@ -162,12 +162,16 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
             scorer="taylor" if variant.endswith("taylor") else "l2",
             monitor="val_acc",
             verbose=False,
-            latency_batch_size=0,
-            regularization=1e-4 if variant.endswith("reg") else 0.0,
-            distill_alpha=ALPHA if "_kd" in variant else 0.0,
-            distill_temperature=TEMPERATURE,
-            distill_teacher="each" if "_each" in variant or "_short" in variant else "first",
-            distill_epochs=2 if "_short" in variant else None,
+            timing=None,
+            sparsity=Sparsity(1e-4) if variant.endswith("reg") else None,
+            distill=Distill(
+                alpha=ALPHA,
+                temperature=TEMPERATURE,
+                teacher="each" if "_each" in variant or "_short" in variant else "first",
+                epochs=2 if "_short" in variant else None,
+            )
+            if "_kd" in variant
+            else None,
             lr_rewind=REWIND if "_rw" in variant else 0,
         )
         callbacks.append(prune)
@@ -204,9 +208,9 @@ def _train(task: str, variant: str, ratio: float, seed: int, quick: bool) -> dic
 
 def _cubic(epochs: int, ratio: float):
     """The main job's schedule: cubic from 1/5 to 1/2 of the fit, a cut every 1/10 (at least every epoch)."""
-    from lightning_halfprune import Schedule
+    from lightning_halfprune import Cubic
 
-    return Schedule.cubic(start=epochs // 5, end=epochs // 2, ratio=ratio, every=max(1, epochs // 10))
+    return Cubic(start=epochs // 5, end=epochs // 2, ratio=ratio, every=max(1, epochs // 10))
 
 
 def _teacher_path(task: str, seed: int, quick: bool) -> str:

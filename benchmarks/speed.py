@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_halfprune import HalfPrune, Schedule
+from lightning_halfprune import Cubic, HalfPrune, Schedule
 from lightning_halfprune.core.measure import MacCounter, count_params
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
 
@@ -131,7 +131,7 @@ def main() -> None:
         "| final speed-up, side by side | test acc | wall s |"
     )
     print("|---|---|---|---:|---:|---:|---|---:|---:|")
-    mnist1d = Schedule.cubic(start=4, end=10, ratio=0.5, every=2)
+    mnist1d = Cubic(start=4, end=10, ratio=0.5, every=2)
     only = [t for t in ("channels", "macs", "latency") if f"--{t}" in sys.argv]  # e.g. --macs: that row only
     for target in (only or ("channels", "macs", "latency")) if "--fashion" not in sys.argv else ():
         print(run("mnist1d", target, 20, mnist1d), flush=True)
@@ -141,7 +141,7 @@ def main() -> None:
         FashionData.TRAIN = 6000
         print(run("fashion", "macs", 4, Schedule({0: 0.25, 1: 0.5})), flush=True)
         return
-    fashion = Schedule.cubic(start=1, end=3, ratio=0.5, every=1)
+    fashion = Cubic(start=1, end=3, ratio=0.5, every=1)
     for target in ("channels", "macs", "latency"):
         print(run("fashion", target, 5, fashion), flush=True)
 

@@ -9,7 +9,7 @@ import os
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_halfprune import HalfPrune, Schedule, load_pruned
+from lightning_halfprune import Cubic, Distill, HalfPrune, load_pruned
 from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
 
 if __name__ == "__main__":
@@ -17,13 +17,11 @@ if __name__ == "__main__":
     pl.seed_everything(0)
     model, data = CNN1D(channels=64), MNIST1DDataModule()
     prune = HalfPrune(
-        schedule=Schedule.cubic(start=4, end=10, ratio=0.5, every=2),
+        schedule=Cubic(start=4, end=10, ratio=0.5, every=2),
         scorer="l2",
         monitor="val_acc",
-        distill_alpha=1.0,  # the recovery recipe: the model before each cut teaches the pruned one ...
-        distill_temperature=2.0,
-        distill_teacher="each",
-        distill_epochs=2,  # ... until 2 epochs after the last cut
+        # the recovery recipe: the model before each cut teaches the pruned one until 2 epochs after the last cut
+        distill=Distill(alpha=1.0, temperature=2.0, teacher="each", epochs=2),
     )
     trainer = pl.Trainer(
         max_epochs=20,

@@ -38,7 +38,7 @@ def test_every_family_is_cut_to_the_schedule_and_keeps_training(tmp_path, family
     trainer(tmp_path, max_epochs=3, callbacks=[prune]).fit(model, train, val)
 
     assert [e["ratio"] for e in prune.history] == [0.25, 0.5]
-    widths = prune._surgeon.widths
+    widths = prune.surgeon.widths
     for name, original in prune.original_widths.items():
         slots = model.net.attn.num_heads if family == "transformer" and name == "net.ff.2" else 1
         assert widths[name] == expected_width(original, 0.5, slots), name
@@ -119,7 +119,7 @@ def test_accumulation_clipping_and_bf16_mixed_on_cpu(tmp_path):
     ).fit(model, *loaders())
     assert prune.history[0]["global_step"] == 3 and prune.history[0]["point"] == 3
     assert model.trainer.global_step == 4  # 8 batches / 2 accumulated
-    assert prune._surgeon.widths["net.blocks.1.conv2"] == 8
+    assert prune.surgeon.widths["net.blocks.1.conv2"] == 8
 
 
 class TwoOptimizers(Classifier):
@@ -160,7 +160,7 @@ def test_graph_is_built_once_and_modes_restored(tmp_path):
     model = Classifier("plain_cnn")
     prune = HalfPrune(schedule={0: 0.25, 1: 0.5})
     trainer(tmp_path, max_epochs=3, callbacks=[prune]).fit(model, *loaders())
-    assert prune._surgeon.graph_builds == 1
+    assert prune.surgeon.graph_builds == 1
     assert model.training and all(m.training for m in model.modules())
 
 

@@ -41,7 +41,7 @@ def test_params_target_and_max_layer_ratio_still_caps_every_layer(tmp_path):
     prune = HalfPrune({0: 0.6}, target="params", max_layer_ratio=0.5, latency_batch_size=0, verbose=False)
     train, val = loaders()
     trainer(tmp_path, max_epochs=1, callbacks=[prune]).fit(model, train, val)
-    widths = prune._surgeon.widths
+    widths = prune.surgeon.widths
     assert all(w >= prune.original_widths[name] * 0.5 for name, w in widths.items())
     assert count_params(model) / original == pytest.approx(prune.reports[0].aim.reached)
     assert prune.state_dict()["original_counts"]["params"] == original  # a resumed fit keeps aiming at the same

@@ -15,6 +15,7 @@ from lightning_halfprune.core.scoring import (
     Scorer,
     TaylorScorer,
 )
+from lightning_halfprune.options import Calibration, Distill, Guard, Sparsity, Timing
 from lightning_halfprune.report import ModelStats, PruneReport
 from lightning_halfprune.schedule import Cubic, Linear, OneShot, Schedule
 
@@ -25,9 +26,12 @@ plain_load.install()  # a pruned checkpoint also loads through a Trainer or load
 __all__ = [
     "SCORERS",
     "ActivationScorer",
+    "Calibration",
     "CalibratedScorer",
     "CheckpointError",
     "Cubic",
+    "Distill",
+    "Guard",
     "HalfPrune",
     "Linear",
     "export",
@@ -39,5 +43,7 @@ __all__ = [
     "RedundancyScorer",
     "Schedule",
     "Scorer",
+    "Sparsity",
+    "Timing",
     "TaylorScorer",
 ]

@@ -24,6 +24,7 @@ from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.layers import out_width
 from lightning_halfprune.core.plan import Cut
 from lightning_halfprune.core.surgeon import Surgeon
+from lightning_halfprune.fit import averaging
 
 KEY = "halfprune"
 _LIGHTNING_KEYS = ("_instantiator", "_class_path")  # what LightningCLI adds to saved hyperparameters
@@ -230,3 +231,27 @@ def _plain(x: Any) -> Any:
         f"HalfPrune's example input holds a {type(x).__name__}, which a safe checkpoint load cannot read: pass an "
         "`example_input` of tensors (in tuples, lists or dicts)."
     )
+
+
+def restore_shape_before_weights_load(pl_module: Any) -> None:
+    """Replay the recorded cuts right before Lightning loads a checkpoint's weights into ``pl_module``.
+
+    Lightning calls the module's ``on_load_checkpoint`` just before loading weights (callback hooks come later),
+    so it is wrapped, for this module instance only, until :func:`stop_restoring_shape`.
+    """
+    if "on_load_checkpoint" in pl_module.__dict__:
+        return
+    original = pl_module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        restore_shape(pl_module, checkpoint)
+        for copy in averaging.averaged_copies(pl_module._trainer):  # EMA/SWA copies load their state after this
+            restore_shape(copy, checkpoint)
+        original(checkpoint)
+
+    pl_module.on_load_checkpoint = on_load_checkpoint
+
+
+def stop_restoring_shape(pl_module: Any) -> None:
+    """Undo :func:`restore_shape_before_weights_load`."""
+    pl_module.__dict__.pop("on_load_checkpoint", None)

@@ -7,6 +7,7 @@ groups, from their type hints) from YAML, so the checks run before the Trainer s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional
@@ -34,38 +35,6 @@ def as_mapping(schedule: Any) -> Mapping:
     if not isinstance(schedule, Mapping):
         raise TypeError(f"`schedule` must be a mapping {{epoch: ratio}} or a Schedule, got {schedule!r}.")
     return schedule
-
-
-def check_guard(monitor: Any, mode: Any, max_drop: Any, patience: Any, on_violation: Any) -> None:
-    """The accuracy guard's arguments; ``max_drop`` needs a ``monitor``."""
-    if mode not in ("max", "min"):
-        raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}.")
-    if on_violation not in ("stop", "halve"):
-        raise ValueError(f"`on_violation` must be 'stop' or 'halve', got {on_violation!r}.")
-    check_int("patience", patience, minimum=1)
-    if max_drop is not None:
-        check_number("max_drop", max_drop, 0)
-        if not monitor:
-            raise ValueError(f"`max_drop={max_drop}` guards a metric: also pass `monitor=` (e.g. 'val_acc').")
-
-
-def check_distill(alpha: Any, temperature: Any, teacher: Any, epochs: Any) -> None:
-    """The distillation arguments."""
-    check_number("distill_alpha", alpha, 0)
-    check_number("distill_temperature", temperature, 0, inclusive=False)
-    if teacher not in ("first", "each"):
-        raise ValueError(f"`distill_teacher` must be 'first' or 'each', got {teacher!r}.")
-    check_int("distill_epochs", epochs, minimum=0, optional=True)
-
-
-def check_automatic_optimization(pl_module: Any) -> None:
-    """Distillation adds to the loss ``training_step`` returns: manual optimization cannot take it."""
-    if not pl_module.automatic_optimization:
-        raise ValueError(
-            "HalfPrune `distill_alpha` adds a term to the loss `training_step` returns, which needs automatic "
-            "optimization; this module sets `automatic_optimization=False`. Set `distill_alpha=0` or add the "
-            "distillation term in your own training_step."
-        )
 
 
 # --------------------------------------------------------------------------------------------- option groups
@@ -210,3 +179,105 @@ def _loggable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return getattr(value, "__qualname__", type(value).__name__)
+
+
+# ------------------------------------------------------------------------------------ the flat names of 0.1
+_FLAT: dict[str, tuple[str, str]] = {
+    "max_drop": ("guard", "max_drop"),
+    "patience": ("guard", "patience"),
+    "on_violation": ("guard", "on_violation"),
+    "distill_alpha": ("distill", "alpha"),
+    "distill_temperature": ("distill", "temperature"),
+    "distill_teacher": ("distill", "teacher"),
+    "distill_epochs": ("distill", "epochs"),
+    "distill_output_fn": ("distill", "output_fn"),
+    "distill_loss_fn": ("distill", "loss_fn"),
+    "latency_batch_size": ("timing", "batch_size"),
+    "latency_budget_s": ("timing", "budget_s"),
+    "latency_threads": ("timing", "threads"),
+    "scoring_batches": ("calibration", "batches"),
+    "calibration_dataloader": ("calibration", "dataloader"),
+    "input_fn": ("calibration", "input_fn"),
+    "regularization": ("sparsity", "strength"),
+    "regularize_from": ("sparsity", "start"),
+}
+_GROUPS = {"guard": Guard, "distill": Distill, "timing": Timing, "calibration": Calibration, "sparsity": Sparsity}
+# a flat value that turned the whole feature off in 0.1
+_OFF = {("distill", "alpha"): 0, ("timing", "batch_size"): 0, ("sparsity", "strength"): 0, ("guard", "max_drop"): None}
+
+
+def from_flat(groups: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    """The option groups with 0.1's flat arguments (``distill_alpha=1.0``, ...) folded in, with a deprecation warning.
+
+    A flat value that turned a feature off in 0.1 (``distill_alpha=0``, ``latency_batch_size=0``,
+    ``regularization=0``, ``max_drop=None``) turns its group off. Unknown names raise ``TypeError``.
+    """
+    unknown = sorted(set(flat) - set(_FLAT))
+    if unknown:
+        raise TypeError(f"HalfPrune got unexpected keyword argument(s) {unknown}.")
+    if not flat:
+        return groups
+    fields_of: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        group, field = _FLAT[name]
+        fields_of.setdefault(group, {})[field] = value
+    new = dict(groups)
+    spelled = []
+    for group, values in fields_of.items():
+        off = [f for f, v in values.items() if (group, f) in _OFF and v == _OFF[(group, f)] and not isinstance(v, bool)]
+        if off:
+            new[group] = None
+        elif group == "guard" and "max_drop" not in values:
+            continue  # patience / on_violation without max_drop configured nothing in 0.1 either
+        else:
+            base = groups.get(group)
+            current = {f.name: getattr(base, f.name) for f in fields(base)} if base is not None else {}
+            new[group] = _GROUPS[group](**{**current, **values})
+        spelled.append(f"{group}={_GROUPS[group].__name__}({', '.join(f'{k}=...' for k in values)})")
+    warnings.warn(
+        f"HalfPrune's flat arguments {sorted(flat)} are deprecated and will be removed in the next release: pass "
+        f"{', '.join(spelled)} instead (None turns a feature off).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return new
+
+
+def check_ratio(name: str, value: Any) -> None:
+    """``value`` must be a number in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The option groups of one ``HalfPrune``, checked together (the only rules that span groups live here)."""
+
+    guard: Optional[Guard] = None
+    distill: Optional[Distill] = None
+    timing: Optional[Timing] = Timing()  # noqa: RUF009 - frozen
+    calibration: Calibration = Calibration()  # noqa: RUF009 - frozen
+    sparsity: Optional[Sparsity] = None
+
+    def __post_init__(self) -> None:
+        for name, kind in _GROUPS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # a plain dict from Python code: build the group from it
+                object.__setattr__(self, name, kind(**value))
+            elif value is None and name == "calibration":
+                object.__setattr__(self, name, Calibration())
+            elif value is not None and not isinstance(value, kind):
+                raise TypeError(f"`{name}` must be a {kind.__name__}(...) or None, got {value!r}.")
+
+    def check(self, monitor: str | None, target: str) -> None:
+        """What one group needs of the rest of the arguments, said at construction."""
+        if self.guard is not None and not monitor:
+            raise ValueError(
+                f"`guard=Guard(max_drop={self.guard.max_drop})` guards a metric: also pass `monitor=` (e.g. 'val_acc')."
+            )
+        if target == "latency" and self.timing is None:
+            raise ValueError("`target='latency'` times the model: `timing` must be a Timing(...), got None.")
+
+    def config(self) -> dict[str, Any]:
+        """Every group as logged in the hyperparameters (None where off)."""
+        return {name: as_dict(getattr(self, name)) for name in _GROUPS}

@@ -43,30 +43,9 @@ class Schedule:
                 )
             previous = ratio
 
-    # ---------------------------------------------------------------- constructors
-    @classmethod
-    def one_shot(cls, at: int, ratio: float, interval: Interval = "epoch") -> Schedule:
-        """Remove ``ratio`` of the channels in one cut at point ``at``."""
-        return OneShot(at=at, ratio=ratio, interval=interval)
-
-    @classmethod
-    def linear(cls, start: int, end: int, ratio: float, every: int = 1, interval: Interval = "epoch") -> Schedule:
-        """Reach ``ratio`` in equal steps at ``start, start+every, ..., end``."""
-        return Linear(start=start, end=end, ratio=ratio, every=every, interval=interval)
-
-    @classmethod
-    def cubic(cls, start: int, end: int, ratio: float, every: int = 1, interval: Interval = "epoch") -> Schedule:
-        """Gradual pruning of Zhu & Gupta (2017): large cuts early, small ones as ``ratio`` is approached."""
-        return Cubic(start=start, end=end, ratio=ratio, every=every, interval=interval)
-
-    # ---------------------------------------------------------------- queries
     def ratio_at(self, point: int) -> float | None:
         """The cumulative target ratio if ``point`` is a prune point, else None."""
         return self.points.get(point)
-
-    @property
-    def final_ratio(self) -> float:
-        return self.points[max(self.points)]
 
     def check_fits(self, max_epochs: int | None, max_steps: int | None, steps_per_epoch: int | None = None) -> None:
         """Warn about prune points the trainer will never reach, or that leave nothing to recover on.

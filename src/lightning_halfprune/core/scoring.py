@@ -47,6 +47,7 @@ class CalibratedScorer:
     """Base of scorers that look at data: ``calibrate`` runs first on a few batches, ``release`` after scoring."""
 
     needs_data = True
+    inputs_of: Callable[[Any], Any] = staticmethod(lambda batch: _inputs_of(batch))  # HalfPrune sets the fit's own
 
     def calibrate(self, model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor]) -> None:
         raise NotImplementedError
@@ -64,9 +65,6 @@ class RandomScorer:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self._generator.manual_seed(seed)
 
     def __call__(self, group: Any) -> torch.Tensor:
         return torch.rand(len(group[0].idxs), generator=self._generator)
@@ -105,7 +103,6 @@ class _ChannelStatsScorer(CalibratedScorer):
 
     def __init__(self) -> None:
         self._stats: dict[nn.Module, Any] = {}
-        self.inputs_of: Callable[[Any], Any] = _inputs_of
 
     def calibrate(self, model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor]) -> None:
         self._stats = {}
@@ -330,4 +327,11 @@ def state_kept(scorer: Scorer) -> Iterator[None]:
 
 
 def needs_data(scorer: Scorer) -> bool:
-    return bool(getattr(scorer, "needs_data", False)) and hasattr(scorer, "calibrate")
+    """True for scorers that look at data: ``needs_data`` set and a ``calibrate`` method (:class:`CalibratedScorer`)."""
+    return bool(getattr(scorer, "needs_data", False)) and callable(getattr(scorer, "calibrate", None))
+
+
+def release(scorer: Scorer) -> None:
+    """Let a data-driven scorer free what calibration collected (a plain scorer holds nothing)."""
+    if callable(getattr(scorer, "release", None)):
+        scorer.release()

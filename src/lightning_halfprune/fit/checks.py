@@ -45,3 +45,13 @@ def warn_if_nothing_validates(
         f"HalfPrune monitors `{monitor}`, but no validation runs in this fit ({why}): {what} is never "
         "reported around the cuts."
     )
+
+
+def automatic_optimization(pl_module: pl.LightningModule) -> None:
+    """Distillation adds to the loss ``training_step`` returns: manual optimization cannot take it."""
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            "HalfPrune's `distill` adds a term to the loss `training_step` returns, which needs automatic "
+            "optimization; this module sets `automatic_optimization=False`. Set `distill=None` or add the "
+            "distillation term in your own training_step."
+        )

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+
+from lightning_halfprune.options import Distill
 
 _WRAPPED = ("training_step", "on_load_checkpoint")  # instance attributes a teacher copy must not carry
 
@@ -42,7 +43,7 @@ def logits_of(output: Any) -> torch.Tensor:
         return logits_of(output[0])
     raise TypeError(
         f"distillation cannot find logits in the model's output ({type(output).__name__}): "
-        "pass `distill_output_fn=` (output -> logits) or `distill_loss_fn=` to HalfPrune."
+        "pass `Distill(output_fn=...)` (output -> logits) or `Distill(loss_fn=...)` to HalfPrune."
     )
 
 
@@ -54,28 +55,32 @@ def param_bytes(model: nn.Module) -> int:
 class Distiller:
     """Holds the frozen teacher and adds the distillation term to ``training_step`` while it exists.
 
+    It also decides when a teacher is taken and dropped.
+
     Args:
-        alpha: weight of the distillation term added to the training loss; 0 turns distillation off.
-        temperature: softening temperature ``T`` of both softmaxes.
-        output_fn: maps the model's output to logits (default :func:`logits_of`).
-        loss_fn: ``(student_output, teacher_output) -> Tensor`` replacing the KL term (still times ``alpha``).
+        options: the user's :class:`~lightning_halfprune.options.Distill`.
     """
 
-    def __init__(
-        self,
-        alpha: float,
-        temperature: float = 2.0,
-        output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
-        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-    ) -> None:
-        self.alpha, self.temperature = float(alpha), float(temperature)
-        self.output_fn = output_fn or logits_of
-        self.loss_fn = loss_fn
+    def __init__(self, options: Distill) -> None:
+        self.options = options
+        self.alpha, self.temperature = float(options.alpha), float(options.temperature)
+        self.output_fn = options.output_fn or logits_of
+        self.loss_fn = options.loss_fn
         self.teacher: nn.Module | None = None
         self.teacher_bytes = 0
         self.seconds = 0.0  # time spent in teacher forwards and the term, since the teacher was taken
         self.last_loss: torch.Tensor | None = None
         self._warned = False
+
+    def due(self) -> bool:
+        """The model before this cut becomes the teacher: at the first cut, or at each one (``"each"``)."""
+        return self.options.teacher == "each" or not self.active
+
+    def over(self, epoch: int, last_cut_epoch: int | None, cuts_left: bool) -> bool:
+        """True once ``epochs`` epochs have trained since the last cut and no cut is left."""
+        if self.options.epochs is None or last_cut_epoch is None or cuts_left:
+            return False
+        return epoch >= last_cut_epoch + self.options.epochs
 
     @property
     def active(self) -> bool:
@@ -89,11 +94,6 @@ class Distiller:
         teacher._forward_hooks.clear()
         teacher.eval().requires_grad_(False)
         self.teacher, self.teacher_bytes = teacher, param_bytes(teacher)
-
-    def set_teacher(self, teacher: nn.Module) -> None:
-        """Use ``teacher`` (e.g. a trained dense model) as is, frozen in eval mode."""
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.teacher_bytes = param_bytes(teacher)
 
     def drop_teacher(self) -> None:
         self.teacher, self.last_loss = None, None

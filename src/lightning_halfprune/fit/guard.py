@@ -15,6 +15,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_halfprune.fit import retry
+from lightning_halfprune.options import Guard
+from lightning_halfprune.state import PruneState
+
 Verdict = Literal["wait", "keep", "undo"]
 
 
@@ -72,32 +76,81 @@ class Watch:
 
 
 class AccuracyGuard:
-    """Decides whether a watched cut is kept or undone.
+    """Owns the guard's policy: arm on a cut, judge it at validations, roll it back and plan the retry.
+
+    Its progress (``skipped``, ``retries``, ``stopped``, ``cap``, the history it truncates) lives in the shared
+    :class:`~lightning_halfprune.state.PruneState`, so it travels in checkpoints; the watched cut's snapshot does not
+    (a resumed run keeps the cut it resumed with).
 
     Args:
-        mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is (loss).
-        max_drop: how much worse than before the cut the metric may stay.
-        patience: validations after the cut before judging.
+        options: the user's :class:`~lightning_halfprune.options.Guard`.
+        monitor: the metric guarded; ``mode``: ``"max"`` if higher is better, ``"min"`` if lower is.
+        state: the callback's state, updated on rollbacks and retries.
+        interval: the schedule's interval (``"epoch"``/``"step"``), for messages and the retry point.
     """
 
-    def __init__(self, mode: Literal["max", "min"], max_drop: float, patience: int) -> None:
-        self.mode, self.max_drop, self.patience = mode, max_drop, patience
+    def __init__(
+        self, options: Guard, monitor: str, mode: Literal["max", "min"], state: PruneState, interval: str
+    ) -> None:
+        self.options, self.monitor, self.mode, self.state, self.interval = options, monitor, mode, state, interval
         self.watch: Watch | None = None
 
-    def arm(self, watch: Watch) -> None:
-        self.watch = watch
+    def arm(self, snapshot: ModelSnapshot | None, metric_before: float | None, report_index: int) -> None:
+        """Watch the cut just made; a cut nothing can judge (no metric yet) holds, and lifts the retry cap."""
+        history = self.state.history
+        ratio = history[-1]["ratio"]
+        if snapshot is None or metric_before is None:
+            self.state.cap = retry.lifted(self.state.cap, ratio)
+            return
+        previous = history[-2]["ratio"] if len(history) > 1 else 0.0
+        self.watch = Watch(snapshot, metric_before, len(history) - 1, report_index, previous, ratio)
 
-    def judge(self, value: float | None) -> Verdict:
-        """Count one validation; "keep" or "undo" once ``patience`` validations were seen."""
-        if self.watch is None or value is None:
+    def judge(self, value: float | None, final: bool = False) -> Verdict:
+        """Count one validation; "keep" or "undo" once ``patience`` validations were seen (at once if ``final``).
+
+        ``final`` (the next cut is due, or the fit ends): without a value nothing shows the cut hurt, it is kept.
+        """
+        if self.watch is None:
             return "wait"
-        self.watch.seen += 1
-        if self.watch.seen < self.patience:
-            return "wait"
-        return "undo" if self.worse_by(value) > self.max_drop else "keep"
+        verdict: Verdict = "wait"
+        if value is not None:
+            self.watch.seen += 1
+            if self.watch.seen >= self.options.patience or final:
+                verdict = "undo" if self.worse_by(value) > self.options.max_drop else "keep"
+        return "keep" if final and verdict == "wait" else verdict
 
     def worse_by(self, value: float) -> float:
         return self.watch.before - value if self.mode == "max" else value - self.watch.before
+
+    def settle(self, verdict: Verdict, value: float | None, now: int, live_device: torch.device) -> str | None:
+        """Act on a verdict: "undo" restores the snapshot and plans the retry; returns the rollback's message."""
+        watch, message = self.watch, None
+        if verdict == "undo":
+            watch.snapshot.restore(live_device)
+            message = self._roll_back(watch, value, now)
+        elif verdict == "keep":
+            self.state.cap = retry.lifted(self.state.cap, watch.ratio)
+        if verdict != "wait":
+            self.watch = None
+        return message
+
+    def _roll_back(self, watch: Watch, value: float | None, now: int) -> str:
+        state = self.state
+        undone = state.history[watch.history_len]
+        del state.history[watch.history_len :]
+        state.skipped.append(undone["point"])
+        if self.options.on_violation == "halve":
+            state.cap = retry.halfway(watch.ratio_before, watch.ratio)
+            state.retries[now + 1] = state.cap
+            then = f"retrying at ratio {state.cap:.3g}; later prune points cut to at most that until a cut there holds."
+        else:
+            state.stopped = True
+            then = "no more cuts."
+        return (
+            f"HalfPrune rolled back the cut to ratio {watch.ratio:.3g} at {self.interval} {undone['point']}: "
+            f"{self.monitor} {watch.before:.4f} -> {value:.4f} is worse by more than "
+            f"max_drop={self.options.max_drop}; {then}"
+        )
 
 
 def _plain(value: Any) -> bool:

@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 from lightning_halfprune.core.graph import graph_safe
 from lightning_halfprune.core.measure import batch_size_of
-from lightning_halfprune.fit.batches import logging_redirected
+from lightning_halfprune.fit.batches import logging_redirected, undisturbed
+from lightning_halfprune.fit.distributed import mean_over_ranks
 
 _SUFFIX = re.compile(r"/dataloader_idx_(\d+)$")
 
@@ -118,3 +120,46 @@ def evaluate_metric(
     if not values:
         return None
     return sum(v * n for v, n in values) / sum(n for _, n in values)
+
+
+class Monitor:
+    """The metric ``monitor`` names, read from the fit: its last logged value, a fresh evaluation, recovery.
+
+    Args:
+        name: the metric ``validation_step`` logs (None: nothing is monitored, every read is None).
+    """
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self._checked = False
+
+    def last(self, trainer: Any) -> float | None:
+        """The last logged value, averaged over ranks."""
+        name = resolve(self.name, trainer.callback_metrics)
+        value = trainer.callback_metrics.get(name) if name else None
+        return mean_over_ranks(trainer.strategy, None if value is None else float(value))
+
+    def evaluate(self, trainer: Any, pl_module: Any) -> float | None:
+        """The metric of the model as it is now, on the validation data, outside the fit's loops (rank mean)."""
+        if not self.name:
+            return None
+        name = resolve(self.name, trainer.callback_metrics) or self.name
+        with undisturbed(pl_module):
+            return mean_over_ranks(trainer.strategy, evaluate(pl_module, trainer.val_dataloaders, name))
+
+    def warn_if_unreadable(self, trainer: Any) -> None:
+        """Once, at the first validation: a name that matches no logged metric (or several) is a warning."""
+        if self.name and not self._checked:
+            self._checked = True
+            message = problem(self.name, trainer.callback_metrics)
+            if message:
+                rank_zero_warn(message)
+
+    def recovered(self, trainer: Any, reports: Sequence[Any]) -> float | None:
+        """Fill ``metric_recovered`` of the last report still waiting for it (at a later step); the value set."""
+        waiting = [r for r in reports if r.monitor and r.metric_recovered is None]
+        value = self.last(trainer)
+        if not waiting or value is None or waiting[-1].global_step == trainer.global_step:
+            return None
+        waiting[-1].metric_recovered = value
+        return value
