@@ -176,10 +176,10 @@ def test_manual_optimization_is_refused_before_training(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"distill_alpha": -1.0}, "`distill_alpha` must be a number >= 0, got -1.0"),
-        ({"distill_temperature": 0}, "`distill_temperature` must be a number > 0, got 0"),
-        ({"distill_teacher": "best"}, "`distill_teacher` must be 'first' or 'each', got 'best'"),
-        ({"distill_epochs": -2}, "`distill_epochs` must be an int >= 0, got -2"),
+        ({"distill": {"alpha": -1.0}}, "`distill.alpha` must be a number > 0, got -1.0"),
+        ({"distill": {"temperature": 0}}, "`distill.temperature` must be a number > 0, got 0"),
+        ({"distill": {"teacher": "best"}}, "`distill.teacher` must be one of \\['first', 'each'\\], got 'best'"),
+        ({"distill": {"epochs": -2}}, "`distill.epochs` must be an int >= 0, got -2"),
         ({"lr_rewind": 1.5}, "`lr_rewind` must be an int >= 0, got 1.5"),
     ],
 )

@@ -81,10 +81,10 @@ def test_halve_retries_with_half_the_step(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"max_drop": 0.01}, "also pass `monitor=`"),
-        ({"monitor": "val_acc", "max_drop": -1}, "`max_drop` must be a number >= 0, got -1"),
-        ({"monitor": "val_acc", "mode": "maximum"}, "`mode` must be 'max' or 'min', got 'maximum'"),
-        ({"monitor": "val_acc", "on_violation": "retry"}, "`on_violation` must be 'stop' or 'halve'"),
+        ({"guard": {"max_drop": 0.01}}, "also pass `monitor=`"),
+        ({"monitor": "val_acc", "guard": {"max_drop": -1}}, "`guard.max_drop` must be a number >= 0, got -1"),
+        ({"monitor": "val_acc", "mode": "maximum"}, r"`mode` must be one of \['max', 'min'\], got 'maximum'"),
+        ({"monitor": "val_acc", "guard": {"max_drop": 0.1, "on_violation": "retry"}}, "`guard.on_violation` must be"),
     ],
 )
 def test_bad_guard_arguments(kwargs, match):

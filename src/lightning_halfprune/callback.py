@@ -253,6 +253,10 @@ class HalfPrune(Callback):
             publish.scalars(trainer, {"halfprune/distill_seconds": self._distiller.seconds})
             self._distiller.drop_teacher()
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        alone = sum(isinstance(c, HalfPrune) for c in trainer.callbacks) == 1
+        ckpt.adopt_unkeyed_state(checkpoint, self.state_key, alone)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self.surgeon is not None:
             checkpoint[ckpt.KEY] = ckpt.pack(self.history, self.original_widths, self.surgeon.example_input)

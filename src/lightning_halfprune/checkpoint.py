@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.core.module import _jit_is_scripting
 from torch import nn
 
+from lightning_halfprune._compat import lightning as lc
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.layers import out_width
 from lightning_halfprune.core.plan import Cut
@@ -142,7 +142,7 @@ def export(
     args = example if isinstance(example, tuple) else (example,)
     model = model.eval()
     path = os.fspath(path)
-    with torch.no_grad(), _jit_is_scripting():
+    with torch.no_grad(), lc.jit_is_scripting():
         if format == "torchscript":
             torch.jit.save(torch.jit.trace(model, args), path)
         elif format == "onnx":
@@ -245,7 +245,7 @@ def restore_shape_before_weights_load(pl_module: Any) -> None:
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
         restore_shape(pl_module, checkpoint)
-        for copy in averaging.averaged_copies(pl_module._trainer):  # EMA/SWA copies load their state after this
+        for copy in averaging.averaged_copies(lc.trainer_of(pl_module)):  # EMA/SWA copies load their state after this
             restore_shape(copy, checkpoint)
         original(checkpoint)
 
@@ -255,3 +255,10 @@ def restore_shape_before_weights_load(pl_module: Any) -> None:
 def stop_restoring_shape(pl_module: Any) -> None:
     """Undo :func:`restore_shape_before_weights_load`."""
     pl_module.__dict__.pop("on_load_checkpoint", None)
+
+
+def adopt_unkeyed_state(checkpoint: dict[str, Any], key: str, alone: bool) -> None:
+    """0.1 wrote its state under the bare class name: the Trainer's only HalfPrune reads it under its own key."""
+    states = checkpoint.get("callbacks") or {}
+    if alone and "HalfPrune" in states and key not in states:
+        states[key] = states.pop("HalfPrune")

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_halfprune._compat import lightning as lc
 from lightning_halfprune.callback import HalfPrune
 
 
@@ -30,7 +31,7 @@ class HalfPruneCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         # the optional `halfprune` group is None when not configured: not a callback
-        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+        return lc.instantiate_trainer(HalfPruneCLI, self, config, [c for c in callbacks if c is not None])
 
     def before_fit(self) -> None:
         for logger in self.trainer.loggers:

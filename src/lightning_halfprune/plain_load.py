@@ -21,12 +21,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from lightning.pytorch import LightningModule
-from lightning.pytorch.core import saving
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_halfprune import checkpoint as ckpt
+from lightning_halfprune._compat import lightning as lc
 
 _MARK = "_halfprune_rebuilds"
 
@@ -35,8 +35,8 @@ def install() -> None:
     """Wrap Lightning's two load paths (once per process)."""
     if not getattr(Strategy.load_model_state_dict, _MARK, False):
         Strategy.load_model_state_dict = _rebuilding_strategy_load(Strategy.load_model_state_dict)
-    if not getattr(saving._load_state, _MARK, False):
-        saving._load_state = _rebuilding_load_state(saving._load_state)
+    if not getattr(lc.load_state(), _MARK, False):
+        lc.set_load_state(_rebuilding_load_state(lc.load_state()))
 
 
 def rebuild(module: nn.Module, checkpoint: Mapping[str, Any]) -> bool:

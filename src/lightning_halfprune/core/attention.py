@@ -34,6 +34,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import layers
 from lightning_halfprune.core.layers import in_width, out_width
 
@@ -227,7 +228,7 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
         add(spec.k, True, list(range(len(kv_roots))), kv_roots)
         add(spec.v, True, list(range(len(kv_roots))), kv_roots)
     add(spec.o, False, list(range(spec.q_width)), list(range(spec.q_width)))
-    group._DG = graph
+    tpc.set_graph(group, graph)
     return group
 
 
@@ -358,7 +359,7 @@ def _slice_head_params(spec: AttentionSpec, heads: Sequence[int]) -> None:
     keep = [h for h in range(spec.num_heads) if h not in set(heads)]
     for pname, param in list(spec.module._parameters.items()):
         if param is not None and param.dim() >= 1 and param.shape[-1] == spec.num_heads and pname != "weight":
-            setattr(spec.module, pname, layers.LINEAR._prune_parameter_and_grad(param, keep, param.dim() - 1))
+            setattr(spec.module, pname, tpc.prune_parameter(param, keep, param.dim() - 1))
 
 
 _SYNCED = {

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning import ops
-from torch_pruning.pruner import function as tp_function
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core.errors import BrokenForward, SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup, graph_safe, module_by_name, run_model
@@ -70,7 +69,6 @@ def tracking_slices() -> Iterator[ParamRemap]:
     remap = ParamRemap()
     successor: dict[nn.Parameter, nn.Parameter] = {}  # newest tensor -> the original it came from
     done: dict[tuple[int, int], tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}  # (tensor, dim) -> slice
-    original = tp_function.BasePruningFunc._prune_parameter_and_grad
 
     def tracked(self: Any, weight: nn.Parameter, keep_idxs: Sequence[int], pruning_dim: int) -> nn.Parameter:
         keep = torch.as_tensor(list(keep_idxs), dtype=torch.long)
@@ -91,11 +89,14 @@ def tracking_slices() -> Iterator[ParamRemap]:
         successor[new] = source
         return new
 
-    tp_function.BasePruningFunc._prune_parameter_and_grad = tracked
-    try:
+    def wrap(slicing: Callable[..., nn.Parameter]) -> Callable[..., nn.Parameter]:
+        nonlocal original
+        original = slicing
+        return tracked
+
+    original: Callable[..., nn.Parameter] = tpc.prune_parameter  # replaced by torch-pruning's own in ``wrap``
+    with tpc.parameter_slicing(wrap):
         yield remap
-    finally:
-        tp_function.BasePruningFunc._prune_parameter_and_grad = original
 
 
 def attributed(prune: Callable[[], bool], group: str) -> bool:
@@ -114,7 +115,7 @@ def attributed(prune: Callable[[], bool], group: str) -> bool:
 
 def members_of(graph: tp.DependencyGraph, groups: Sequence[ChannelGroup]) -> dict[str, set[str]]:
     """Group name -> the names of every layer (and unwrapped parameter) in it."""
-    names = {**graph._module2name, **graph._param_to_name}
+    names = {**tpc.module_names(graph), **tpc.param_names(graph)}
     return {g.name: {g.name} | {names.get(dep.target.module, "") for dep, _ in g.group} - {""} for g in groups}
 
 
@@ -172,7 +173,7 @@ def _sync_split_offsets(group: Any) -> None:
     """
     for dep, _ in group:
         op = dep.target.module
-        if isinstance(op, ops._SplitOp) and op.split_sizes:
+        if isinstance(op, tpc.SplitOp) and op.split_sizes:
             op.offsets = [sum(op.split_sizes[:i]) for i in range(len(op.split_sizes) + 1)]
 
 

@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core.errors import SurgeryError
 
@@ -168,8 +169,8 @@ def inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
             continue  # inputs may legitimately be wider (concatenations)
         if graph.get_out_channels(module) not in (None, width) and len(idxs) == width:
             warnings.warn(
-                f"HalfPrune leaves the channels of {graph._module2name.get(root)!r} alone: they are coupled to "
-                f"{graph._module2name.get(module)!r}, whose width differs ({graph.get_out_channels(module)} vs "
+                f"HalfPrune leaves the channels of {tpc.module_names(graph).get(root)!r} alone: they are coupled to "
+                f"{tpc.module_names(graph).get(module)!r}, whose width differs ({graph.get_out_channels(module)} vs "
                 f"{width}); a layer that "
                 "mixes tokens (as in MLP-Mixer) rather than channels cannot be cut this way.",
                 stacklevel=2,
@@ -196,10 +197,10 @@ def unties(graph: tp.DependencyGraph, group: Any, holders: dict[int, set[nn.Modu
             continue
         for p in module._parameters.values():
             if p is not None and id(p) in holders and not holders[id(p)] <= modules:
-                root = graph._module2name.get(group[0].dep.target.module)
+                root = tpc.module_names(graph).get(group[0].dep.target.module)
                 warnings.warn(
                     f"HalfPrune leaves the channels of {root!r} alone: they cut a parameter tied between "
-                    f"{sorted(graph._module2name.get(m, '?') for m in holders[id(p)])}, not all of which are "
+                    f"{sorted(tpc.module_names(graph).get(m, '?') for m in holders[id(p)])}, not all of which are "
                     "coupled to them; tied weights are only cut all together.",
                     stacklevel=2,
                 )
@@ -217,7 +218,7 @@ def slots_of(graph: tp.DependencyGraph, group: Any) -> int:
     width = graph.get_out_channels(group[0].dep.target.module)
     for dep, _ in group:
         module = dep.target.module
-        sizes = getattr(module, "split_sizes", None) if isinstance(module, ops._SplitOp) else None
+        sizes = getattr(module, "split_sizes", None) if isinstance(module, tpc.SplitOp) else None
         if sizes and len(set(sizes)) == 1 and sum(sizes) == width:  # a fused layer chunked (Phi-3's gate_up_proj)
             slots = max(slots, len(sizes))
             continue

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.dependency import index_mapping
+
+from lightning_halfprune._compat import torch_pruning as tpc
 
 
 class ByIdentity(list):
@@ -57,7 +58,7 @@ def all_groups(
         try:
             return search(module, fn, idxs)
         except _Diverged:
-            skipped.append(graph._module2name.get(module, type(module).__name__))
+            skipped.append(tpc.module_names(graph).get(module, type(module).__name__))
             return []
 
     graph.get_pruning_group = guarded  # this search only: instance attribute over the method
@@ -84,16 +85,13 @@ def _widest(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def _bounded_flatten(limit: int) -> Iterator[None]:
-    mapping = index_mapping._FlattenIndexMapping
-    original = mapping.__call__
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def bounded(self: Any, idxs: Any) -> Any:
+            if not self.reverse and len(idxs) * tpc.flatten_stride(self) > limit:
+                raise _Diverged
+            return original(self, idxs)
 
-    def bounded(self: Any, idxs: Any) -> Any:
-        if not self.reverse and len(idxs) * self._stride > limit:
-            raise _Diverged
-        return original(self, idxs)
+        return bounded
 
-    mapping.__call__ = bounded
-    try:
+    with tpc.flatten_mapping(wrap):
         yield
-    finally:
-        mapping.__call__ = original

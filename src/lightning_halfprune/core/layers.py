@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import lora
 
 
@@ -122,7 +123,7 @@ def magnitude(group: Any, width: int) -> torch.Tensor | None:
         w = weight_matrix(layer) if isinstance(layer, nn.Module) else None
         if w is None:
             continue
-        out = group._DG.is_out_channel_pruning_fn(fn) if getattr(group, "_DG", None) else True
+        out = tpc.graph_of(group).is_out_channel_pruning_fn(fn) if tpc.graph_of(group) else True
         w = w if out else w.t()
         if max(item.idxs, default=-1) >= w.shape[0] or item.root_idxs is None or None in item.root_idxs:
             continue

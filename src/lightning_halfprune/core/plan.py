@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core import layers
 from lightning_halfprune.core.errors import SurgeryError
@@ -67,11 +68,11 @@ def _check_scores(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor 
 
 def _non_finite_weights(g: ChannelGroup) -> str | None:
     """The name of a layer of the group whose parameters hold NaN or inf, if any."""
-    graph = g.group._DG
+    graph = tpc.graph_of(g.group)
     for item in g.group:
         module = item.dep.target.module
         if isinstance(module, nn.Module) and any(not torch.isfinite(p).all() for p in module.parameters(False)):
-            return graph._module2name.get(module, type(module).__name__) if graph is not None else type(module).__name__
+            return tpc.module_names(graph).get(module, type(module).__name__) if graph else type(module).__name__
     return None
 
 

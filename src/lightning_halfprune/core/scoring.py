@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import layers
 from lightning_halfprune.core.graph import run_model
 
@@ -131,7 +132,7 @@ class _ChannelStatsScorer(CalibratedScorer):
         self._stats = {}
 
     def __call__(self, group: Any) -> torch.Tensor | None:
-        graph = group._DG
+        graph = tpc.graph_of(group)
         total = torch.zeros(len(group[0].idxs))
         found = False
         for item in group:
@@ -237,7 +238,7 @@ class MagnitudeScorer(tp.importance.GroupMagnitudeImportance):
             if not isinstance(layer, tuple(self.target_types)):
                 matrix = layers.weight_matrix(layer) if isinstance(layer, nn.Module) else None
                 if matrix is not None:  # HF Conv1D, peft adapters: their (out, in) weight
-                    out = group._DG is None or group._DG.is_out_channel_pruning_fn(dep.handler)
+                    out = tpc.graph_of(group) is None or tpc.graph_of(group).is_out_channel_pruning_fn(dep.handler)
                     index = torch.as_tensor(idxs, dtype=torch.long, device=matrix.device)
                     group_imp.append(_power_sum(matrix, self.p, keep_dim=0 if out else 1)[index])
                     group_idxs.append(group[i].root_idxs)

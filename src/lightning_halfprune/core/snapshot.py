@@ -8,6 +8,8 @@ from typing import Any
 import torch_pruning as tp
 from torch import nn
 
+from lightning_halfprune._compat import torch_pruning as tpc
+
 
 class ModuleSnapshot:
     """References to every module's parameters, buffers and plain attributes: an exact, copy-free undo.
@@ -50,7 +52,7 @@ class GraphSnapshot:
     def __init__(self, graph: tp.DependencyGraph, model: nn.Module) -> None:
         own = set(model.modules())
         self.graph = graph
-        self.module2node, self.param_to_name = dict(graph.module2node), dict(graph._param_to_name)
+        self.module2node, self.param_to_name = dict(graph.module2node), dict(tpc.param_names(graph))
         nodes = list(self.module2node.values())
         self.nodes = [(node, node.module) for node in nodes]
         self.mappings = [(dep, list(dep.index_mapping)) for node in nodes for dep in node.dependencies]
@@ -63,8 +65,8 @@ class GraphSnapshot:
     def restore(self) -> None:
         self.graph.module2node.clear()
         self.graph.module2node.update(self.module2node)
-        self.graph._param_to_name.clear()
-        self.graph._param_to_name.update(self.param_to_name)
+        tpc.param_names(self.graph).clear()
+        tpc.param_names(self.graph).update(self.param_to_name)
         for node, module in self.nodes:
             node.module = module
         for dep, mapping in self.mappings:

@@ -15,6 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core import hf_config, layers
 from lightning_halfprune.core.cut import (
@@ -150,7 +151,7 @@ class Surgeon:
                 continue  # the residual stream of a transformer: left alone unless asked
             root = group[0].dep.target.module
             found.append(
-                ChannelGroup(graph._module2name[root], group, graph.get_out_channels(root), slots_of(graph, group))
+                ChannelGroup(tpc.module_names(graph)[root], group, graph.get_out_channels(root), slots_of(graph, group))
             )
         if self.attention != "none":
             for s in specs:

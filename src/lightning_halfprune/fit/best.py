@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_halfprune._compat import lightning as lc
+
 
 def start_over(trainer: pl.Trainer) -> list[ModelCheckpoint]:
     """Reset the ranking of every metric-monitoring ``ModelCheckpoint`` of ``trainer``; returns those reset."""
@@ -28,6 +30,6 @@ def start_over(trainer: pl.Trainer) -> list[ModelCheckpoint]:
         callback.best_model_score = None
         callback.best_model_path = ""
         callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
-        callback._last_global_step_saved = trainer.global_step  # no save now, scored by the model before the cut
+        lc.no_save_before(callback, trainer.global_step)  # no save now: it would be scored by the model before the cut
         reset.append(callback)
     return reset

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_halfprune._compat import lightning as lc
 from lightning_halfprune.core.cut import ParamRemap
 
 # attributes every torch optimizer has; anything else holding parameters is a private cache
@@ -131,8 +132,7 @@ def rewrap_ddp(strategy: Any) -> bool:
     old = getattr(strategy, "model", None)
     if not isinstance(old, DistributedDataParallel):
         return False
-    strategy.model = strategy._setup_model(strategy.lightning_module)
-    strategy._register_ddp_hooks()
+    lc.rewrap_ddp(strategy)
     del old
     gc.collect()  # free the old wrapper's reducer and its buckets now, not whenever a later cycle collection runs
     return True

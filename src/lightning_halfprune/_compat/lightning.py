@@ -1,0 +1,40 @@
+"""Lightning's private names HalfPrune relies on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.core import saving
+from lightning.pytorch.core.module import _jit_is_scripting
+
+jit_is_scripting = _jit_is_scripting  # what LightningModule.to_torchscript wraps its export in
+
+
+def trainer_of(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
+    return getattr(module, "_trainer", None)
+
+
+def no_save_before(checkpoint_callback: Any, step: int) -> None:
+    """Tell a ``ModelCheckpoint`` it already saved at ``step`` (so it does not save right after a cut)."""
+    checkpoint_callback._last_global_step_saved = step
+
+
+def rewrap_ddp(strategy: Any) -> None:
+    """A fresh DDP wrapper around the strategy's LightningModule, with Lightning's communication hooks."""
+    strategy.model = strategy._setup_model(strategy.lightning_module)
+    strategy._register_ddp_hooks()
+
+
+def load_state() -> Any:
+    """``lightning.pytorch.core.saving._load_state``, which ``load_from_checkpoint`` calls."""
+    return saving._load_state
+
+
+def set_load_state(fn: Any) -> None:
+    saving._load_state = fn
+
+
+def instantiate_trainer(cli_class: type, cli: Any, config: dict, callbacks: list) -> Any:
+    """``LightningCLI._instantiate_trainer`` of the parent class ``cli_class``."""
+    return super(cli_class, cli)._instantiate_trainer(config, callbacks)

@@ -1,0 +1,76 @@
+"""torch-pruning's private names HalfPrune relies on (tested against the pinned range ``SUPPORTED``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch_pruning import ops
+from torch_pruning.dependency import index_mapping
+from torch_pruning.pruner import function as tp_function
+
+SUPPORTED = ("1.6", "1.7")  # [low, high): the releases this module was written against
+
+SplitOp = ops._SplitOp  # a split node of the graph: its ``split_sizes``/``offsets`` go stale after a cut (1.6.1)
+FlattenIndexMapping = index_mapping._FlattenIndexMapping  # index lists through flatten/reshape (Swin's loop)
+BasePruningFunc = tp_function.BasePruningFunc
+
+
+def installed() -> str:
+    """The installed torch-pruning version."""
+    return metadata.version("torch-pruning")
+
+
+def module_names(graph: tp.DependencyGraph) -> dict[Any, str]:
+    """Module -> qualified name, as the graph traced them."""
+    return graph._module2name
+
+
+def param_names(graph: tp.DependencyGraph) -> dict[Any, str]:
+    """Unwrapped parameter -> name (parameters used outside any module, e.g. a class token)."""
+    return graph._param_to_name
+
+
+def graph_of(group: Any) -> tp.DependencyGraph | None:
+    """The graph a group was made by (None for a group built by hand without one)."""
+    return getattr(group, "_DG", None)
+
+
+def set_graph(group: Any, graph: tp.DependencyGraph) -> None:
+    """Tie a hand-built group (attention heads) to its graph, as torch-pruning's own groups are."""
+    group._DG = graph
+
+
+def prune_parameter(param: torch.nn.Parameter, keep: list[int], dim: int) -> torch.nn.Parameter:
+    """torch-pruning's own parameter slicing (keeps ``.grad`` sliced along), for parameters outside its graph."""
+    return BasePruningFunc._prune_parameter_and_grad(None, param, keep, dim)
+
+
+@contextlib.contextmanager
+def parameter_slicing(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Route every slice torch-pruning takes of a parameter through ``wrap(original)`` inside the block."""
+    original = BasePruningFunc._prune_parameter_and_grad
+    BasePruningFunc._prune_parameter_and_grad = wrap(original)
+    try:
+        yield
+    finally:
+        BasePruningFunc._prune_parameter_and_grad = original
+
+
+@contextlib.contextmanager
+def flatten_mapping(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Route torch-pruning's flatten index mapping through ``wrap(original)`` inside the block."""
+    original = FlattenIndexMapping.__call__
+    FlattenIndexMapping.__call__ = wrap(original)
+    try:
+        yield
+    finally:
+        FlattenIndexMapping.__call__ = original
+
+
+def flatten_stride(mapping: Any) -> int:
+    return mapping._stride
