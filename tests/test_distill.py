@@ -243,4 +243,5 @@ def test_the_recipe_config_runs_from_the_command_line(tmp_path):
     assert "HalfPrune summary: 2 prune event(s)" in out.stdout + out.stderr
     printed = halfprune(tmp_path, "fit", f"--config={recipe}", "--print_config", env_extra=env)
     args = __import__("yaml").safe_load(printed.stdout)["halfprune"]["init_args"]
-    assert args["distill_alpha"] > 0 and args["distill_teacher"] == "each" and args["distill_epochs"] == 2
+    distill = args["distill"]
+    assert distill["alpha"] > 0 and distill["teacher"] == "each" and distill["epochs"] == 2

@@ -66,10 +66,10 @@ def test_latency_target_reaches_2x_on_the_mnist1d_model_or_says_how_far(tmp_path
 def test_bad_target_arguments_fail_before_training():
     with pytest.raises(ValueError, match="`target` must be one of .* got 'flops'"):
         HalfPrune({0: 0.5}, target="flops")
-    with pytest.raises(ValueError, match="latency_batch_size"):
-        HalfPrune({0: 0.5}, target="latency", latency_batch_size=0)
-    with pytest.raises(ValueError, match="latency_budget_s"):
-        HalfPrune({0: 0.5}, latency_budget_s=0)
+    with pytest.raises(ValueError, match="`target='latency'` times the model: `timing` must be a Timing"):
+        HalfPrune({0: 0.5}, target="latency", timing=None)
+    with pytest.raises(ValueError, match="timing.budget_s"):
+        HalfPrune({0: 0.5}, timing={"budget_s": 0})
 
 
 def test_cli_takes_the_target(tmp_path):
@@ -78,4 +78,4 @@ def test_cli_takes_the_target(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     args = yaml.safe_load(out.stdout)["halfprune"]["init_args"]
-    assert (args["target"], args["latency_threads"], args["latency_budget_s"]) == ("macs", 1, 1.0)
+    assert (args["target"], args["timing"]["threads"], args["timing"]["budget_s"]) == ("macs", 1, 1.0)

@@ -74,3 +74,30 @@ def flatten_mapping(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) ->
 
 def flatten_stride(mapping: Any) -> int:
     return mapping._stride
+
+
+# what torch-pruning's index mappings read from a traced op's autograd node after the graph is built
+_SAVED = ("_saved_self_sizes", "_saved_self_sym_sizes", "_saved_split_sizes", "_saved_split_size", "_saved_dim")
+
+
+def release_trace(graph: tp.DependencyGraph) -> None:
+    """Drop the autograd graph of the tracing forward that every node's ``grad_fn`` keeps alive.
+
+    Through ``next_functions`` a node's ``grad_fn`` reaches the whole traced graph, whose ``AccumulateGrad`` nodes
+    hold the model's parameters as they were at tracing: after a cut those pre-cut tensors would stay alive as long
+    as the graph. The few sizes and dims torch-pruning's index mappings read later are kept on a plain stand-in.
+    """
+    for node in graph.module2node.values():
+        grad_fn = getattr(node, "grad_fn", None)
+        if grad_fn is None:
+            continue
+        saved = {name: getattr(grad_fn, name) for name in _SAVED if hasattr(grad_fn, name)}
+        node.grad_fn = _SavedSizes(saved) if saved else None
+
+
+class _SavedSizes:
+    """The sizes and dims of a traced op, without its autograd graph."""
+
+    def __init__(self, saved: dict[str, Any]) -> None:
+        for name, value in saved.items():
+            setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else value)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_halfprune.core import log
 from lightning_halfprune.core.graph import graph_safe, run_model
 from lightning_halfprune.core.measure import repeat_batch
 from lightning_halfprune.core.snapshot import ModuleSnapshot
@@ -101,7 +102,7 @@ def compare(
     """
     new = ModuleSnapshot(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    old = on_device(old, device)
+    old = old.on(device)
     x = repeat_batch(example_input, batch_size)
     threads_before = torch.get_num_threads()
     threads = threads or threads_before
@@ -194,40 +195,6 @@ def _median_interval(ratios: list[float]) -> tuple[float, float]:
     return ratios[max(0, math.floor(n / 2 - half))], ratios[min(n - 1, math.ceil(n / 2 + half) - 1)]
 
 
-def cpu_copy(model: nn.Module) -> ModuleSnapshot:
-    """A snapshot of ``model``'s architecture with its parameters and buffers copied to CPU memory.
-
-    Kept from fit start to time the original architecture against the final one: costs one copy of the model's
-    tensors in host memory (e.g. 100 MB for 25M float32 parameters), nothing on the accelerator until used.
-    """
-    snapshot = ModuleSnapshot(model)
-    snapshot.saved = [
-        (m, state, {k: _copy(v, "cpu") for k, v in params.items()}, {k: _copy(v, "cpu") for k, v in buffers.items()})
-        for m, state, params, buffers in snapshot.saved
-    ]
-    return snapshot
-
-
-def on_device(snapshot: ModuleSnapshot, device: torch.device) -> ModuleSnapshot:
-    """``snapshot`` with its tensors on ``device`` (the same object if they already are)."""
-    tensors = [t for _, _, params, buffers in snapshot.saved for t in (*params.values(), *buffers.values())]
-    if all(t is None or t.device == device for t in tensors):
-        return snapshot
-    moved = ModuleSnapshot.__new__(ModuleSnapshot)
-    moved.saved = [
-        (m, state, {k: _copy(v, device) for k, v in params.items()}, {k: _copy(v, device) for k, v in buffers.items()})
-        for m, state, params, buffers in snapshot.saved
-    ]
-    return moved
-
-
-def _copy(t: torch.Tensor | None, device: Any) -> torch.Tensor | None:
-    if t is None:
-        return None
-    data = t.detach().to(device, copy=True)
-    return nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
-
-
 def _calls_per_block(seconds_per_call: float) -> int:
     """Forward passes per timed block: about ``BLOCK_S`` long, short enough to often run undisturbed."""
     return max(1, min(1000, round(BLOCK_S / max(seconds_per_call, 1e-7))))
@@ -276,10 +243,10 @@ class SideBySide:
         return self.batch_size > 0
 
     def keep_original(self, model: nn.Module) -> None:
-        """At fit start: fix the thread count and keep a CPU copy of the architecture for the end-of-fit summary."""
+        """At fit start: fix the thread count and keep the architecture (shapes, no weights) for the final timing."""
         if self.enabled:
             self.threads = self.threads or torch.get_num_threads()
-            self.original = cpu_copy(model)
+            self.original = ModuleSnapshot(model, keep="shapes")
 
     def before_cut(self, model: nn.Module) -> ModuleSnapshot | None:
         """What is needed to run the architecture about to be cut: references to its tensors, no copy."""
@@ -292,5 +259,19 @@ class SideBySide:
         return compare(model, old, example_input, self.batch_size, self.budget_s, self.threads)
 
     def against_original(self, model: nn.Module, example_input: Any) -> SpeedUp | None:
-        """``model`` against the architecture it had when fit started (None after a resume: it was not kept)."""
+        """``model`` against the architecture it had when fit started (None after a resume: it was not kept).
+
+        The original gets random weights on the model's device for the timing; on a GPU without room for them the
+        comparison is skipped with a warning rather than risking an out-of-memory error at the end of a fit.
+        """
+        if self.original is None or not self.enabled:
+            return None
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        need = self.original.shape_bytes
+        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 1.5 * need:
+            log.warn(
+                f"HalfPrune skips timing the original architecture against the pruned one: its weights "
+                f"({need / 2**20:.0f} MiB) do not fit in the free memory of {device}."
+            )
+            return None
         return self.compare(model, self.original, example_input)

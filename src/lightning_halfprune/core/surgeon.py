@@ -116,7 +116,7 @@ class Surgeon:
         self.graph_builds += 1
         with graph_safe(self.model), attn.without_kv_cache(self.model):
             try:
-                return new_graph().build_dependency(
+                graph = new_graph().build_dependency(
                     self.model,
                     example_inputs=plain_tensors(self.example_input),
                     forward_fn=run_model,
@@ -126,6 +126,8 @@ class Surgeon:
                 )
             except Exception as err:
                 raise trace_error(self.model, self.example_input, err) from err
+        tpc.release_trace(graph)  # else the traced autograd graph keeps every pre-cut parameter alive
+        return graph
 
     def groups(self) -> list[ChannelGroup]:
         """Every prunable coupled group, in a stable order, without those that reach the model's output.
@@ -212,6 +214,7 @@ class Surgeon:
             if not isinstance(err, DryRun):
                 raise
         self._signature = signature(self.model)
+        self._groups = None  # groups of the pre-cut graph hold pre-cut tensors: found again when next asked for
         return remap
 
     @contextlib.contextmanager

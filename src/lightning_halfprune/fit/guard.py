@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_halfprune.core.snapshot import ModuleSnapshot
 from lightning_halfprune.fit import retry
 from lightning_halfprune.options import Guard
 from lightning_halfprune.state import PruneState
@@ -23,39 +24,36 @@ Verdict = Literal["wait", "keep", "undo"]
 
 
 class ModelSnapshot:
-    """A CPU copy of a model's shape-defining attributes, parameters and buffers, and of its optimizers' state.
+    """The guard's rollback point: the model (and its EMA/SWA copies) as CPU copies, and its optimizers' state.
 
     ``also``: more models to put back with it (the averaged copies of EMA/SWA), each on the device it is on now.
+    Costs one copy of the model and of the optimizer state in host memory (``nbytes``), from a cut to its verdict.
     """
 
     def __init__(
         self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], also: Sequence[nn.Module] = ()
     ) -> None:
-        self.modules = []
+        self.roots = []
         where: dict[int, tuple[nn.Module, str]] = {}
         for root in (model, *also):
             device = None if root is model else next((p.device for p in root.parameters()), None)
-            for name, m in root.named_modules():
-                attrs = {k: copy.copy(v) for k, v in vars(m).items() if k != "training" and _plain(v)} if name else {}
-                params = {k: None if p is None else (_cpu(p), p.requires_grad) for k, p in m._parameters.items()}
-                buffers = {k: None if b is None else _cpu(b) for k, b in m._buffers.items()}
-                self.modules.append((m, attrs, params, buffers, device))
+            self.roots.append((ModuleSnapshot(root, keep="cpu"), device))
+            for m in root.modules():
                 where.update({id(p): (m, k) for k, p in m._parameters.items() if p is not None})
         self.optimizers = [
             (opt, _cpu_state(opt.state_dict()), [[where[id(p)] for p in g["params"]] for g in opt.param_groups])
             for opt in optimizers
         ]
 
+    @property
+    def nbytes(self) -> int:
+        state = sum(_state_bytes(s) for _, s, _ in self.optimizers)
+        return sum(snapshot.nbytes for snapshot, _ in self.roots) + state
+
     def restore(self, live_device: torch.device) -> None:
         """Put the model and optimizers back exactly as they were when the snapshot was taken."""
-        for m, attrs, params, buffers, own_device in self.modules:
-            device = own_device or live_device
-            vars(m).update(copy.deepcopy(attrs))
-            m._parameters.clear()
-            for k, p in params.items():
-                m._parameters[k] = None if p is None else nn.Parameter(p[0].to(device), requires_grad=p[1])
-            m._buffers.clear()
-            m._buffers.update({k: None if b is None else b.to(device) for k, b in buffers.items()})
+        for snapshot, own_device in self.roots:
+            snapshot.on(own_device or live_device).restore()
         for opt, state, groups in self.optimizers:
             for group, keys in zip(opt.param_groups, groups, strict=True):
                 group["params"] = [m._parameters[k] for m, k in keys]
@@ -153,12 +151,6 @@ class AccuracyGuard:
         )
 
 
-def _plain(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return isinstance(value, (int, float, bool, str, type(None)))
-
-
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
@@ -171,3 +163,13 @@ def _cpu_state(state: Any) -> Any:
     if isinstance(state, list):
         return [_cpu_state(v) for v in state]
     return copy.deepcopy(state)
+
+
+def _state_bytes(state: Any) -> int:
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
