@@ -342,11 +342,15 @@ class HalfPrune(Callback):
                 "`max_layer_ratio` floor, or rounded by `round_to`): no prune event."
             )
             return None
-        if self._distiller is not None and self._distiller.due():
-            with _timed(timings, "teacher"):
-                self._distiller.take_teacher(pl_module)
+        teacher_due = self._distiller is not None and self._distiller.due()
+        if teacher_due:  # the pre-cut tensors the cut frees become the teacher: no copy of the model
+            self._distiller.take_teacher(pl_module)
         with _timed(timings, "cut"):
-            cuts = self._cut(trainer, cuts, copies)
+            try:
+                cuts = self._cut(trainer, cuts, copies)
+            finally:
+                if teacher_due:
+                    self._distiller.seal(pl_module)
             rewrap_ddp(trainer.strategy)
         self._restart_after_cut(trainer)
         with _timed(timings, "measure"):

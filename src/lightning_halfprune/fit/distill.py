@@ -67,7 +67,8 @@ class Distiller:
         self.output_fn = options.output_fn or logits_of
         self.loss_fn = options.loss_fn
         self.teacher: nn.Module | None = None
-        self.teacher_bytes = 0
+        self.teacher_bytes = 0  # what the teacher holds
+        self.copied_bytes = 0  # of which copied for it (the rest are the pre-cut tensors a cut freed)
         self.seconds = 0.0  # time spent in teacher forwards and the term, since the teacher was taken
         self.last_loss: torch.Tensor | None = None
         self._warned = False
@@ -87,13 +88,35 @@ class Distiller:
         return self.teacher is not None
 
     def take_teacher(self, model: nn.Module) -> None:
-        """Freeze a copy of ``model`` as it is now as the teacher (replacing any previous one)."""
-        teacher = copy.deepcopy(model)  # a LightningModule copies without its trainer
+        """Make the model as it is now the teacher, sharing its tensors: call :meth:`seal` once the cut is made.
+
+        The teacher is the model's module structure with the same parameter and buffer objects. A cut replaces the
+        tensors it prunes, so those pre-cut tensors, which the cut would free, become the teacher's own at no cost;
+        :meth:`seal` then copies only what the cut left shared with the student (unpruned layers, e.g. embeddings).
+        """
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        teacher = copy.deepcopy(model, memo=dict(shared))  # a LightningModule copies without its trainer
         for name in _WRAPPED:
             teacher.__dict__.pop(name, None)
         teacher._forward_hooks.clear()
-        teacher.eval().requires_grad_(False)
-        self.teacher, self.teacher_bytes = teacher, param_bytes(teacher)
+        self.teacher, self.copied_bytes = teacher, 0
+
+    def seal(self, model: nn.Module) -> None:
+        """After the cut (made or not): the teacher gets its own copy of every tensor still shared with ``model``."""
+        if self.teacher is None:
+            return
+        live = {id(t) for t in (*model.parameters(), *model.buffers())}
+        copied = 0
+        for m in self.teacher.modules():
+            for registry in (m._parameters, m._buffers):
+                for key, t in registry.items():
+                    if t is not None and id(t) in live:
+                        clone = t.detach().clone()
+                        is_param = isinstance(t, nn.Parameter)
+                        registry[key] = nn.Parameter(clone, requires_grad=False) if is_param else clone
+                        copied += clone.numel() * clone.element_size()
+        self.teacher.eval().requires_grad_(False)
+        self.teacher_bytes, self.copied_bytes = param_bytes(self.teacher), copied
 
     def drop_teacher(self) -> None:
         self.teacher, self.last_loss = None, None
