@@ -409,9 +409,8 @@ class HalfPrune(Callback):
 
     def _remember(self, trainer: pl.Trainer, point: int, ratio: float, cuts: list[Cut]) -> None:
         """The event in the history that checkpoints carry and ``load_pruned`` replays."""
-        where = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-        cuts_made = [c.to_list() for c in cuts]
-        self.history.append({"point": point, "interval": self.schedule.interval, "ratio": ratio, **where, "cuts": cuts_made})
+        event = {"point": point, "interval": self.schedule.interval, "ratio": ratio, "epoch": trainer.current_epoch}
+        self.history.append(event | {"global_step": trainer.global_step, "cuts": [c.to_list() for c in cuts]})
 
     def _review_watched_cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> bool:
         """Let the guard judge the cut it watches (at once if ``final``); True if it was rolled back."""
