@@ -36,7 +36,7 @@ def _train(variant: str, seed: int, epochs: int, scorer: str, quick: bool) -> di
     from lightning.pytorch.callbacks import ModelPruning
 
     from lightning_halfprune import Cubic, HalfPrune
-    from lightning_halfprune.core.measure import MacCounter, count_params, measure_latency
+    from lightning_halfprune.core.measure import MacCounter, count_params
     from lightning_halfprune.demo import CNN1D, MNIST1DDataModule
 
     warnings.filterwarnings("ignore")
@@ -180,3 +180,18 @@ def fashion_mnist(split: str):
     with gzip.open(f"{FASHION_MNIST}/{split}-labels-idx1-ubyte.gz") as f:
         y = np.frombuffer(f.read(), np.uint8, offset=8)
     return x, y
+
+
+def measure_latency(model, example_input, batch_size: int = 64, runs: int = 10) -> float:
+    """Median milliseconds of one forward pass at ``batch_size``, by ``torch.utils.benchmark`` (eval, no grad)."""
+    import torch
+    from torch.utils import benchmark
+
+    from lightning_halfprune.core.graph import graph_safe, run_model
+    from lightning_halfprune.core.measure import repeat_batch
+
+    x = repeat_batch(example_input, batch_size)
+    with graph_safe(model), torch.no_grad():
+        model.eval()
+        timer = benchmark.Timer("run_model(model, x)", globals={"run_model": run_model, "model": model, "x": x})
+        return timer.timeit(runs).median * 1000

@@ -271,8 +271,9 @@ def _plan(tasks: list[str], seeds: list[int], levers: bool) -> list[tuple[str, s
 def latency_side_by_side(task: str, rounds: int = 7) -> dict[int, tuple[float, float, float]]:
     """Median (and min/max over rounds) ms per batch of 256 for the dense, half and quarter width nets, interleaved."""
     import torch
+    from common import measure_latency
 
-    from lightning_halfprune.core.measure import MacCounter, measure_latency
+    from lightning_halfprune.core.measure import MacCounter
 
     torch.set_num_threads(1)
     models = {}

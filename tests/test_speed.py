@@ -98,7 +98,7 @@ def test_a_model_too_slow_for_one_pair_reads_not_measured_not_nan():
 
     none = verdict([], 1, 64, "cpu", 10.0)
     assert none.old_ms is None and none.new_ms is None and none.scalars("s") == {"s_measurable": 0.0}
-    assert "only 0 pairs" in none.reason and "`latency_budget_s`" in none.reason
+    assert "only 0 pairs" in none.reason and "`Timing(budget_s=...)`" in none.reason
     assert _speed_rows(none)[0][1:] == ("-", "-") and "nan" not in none.label()
 
 

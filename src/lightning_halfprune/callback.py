@@ -370,7 +370,7 @@ class HalfPrune(Callback):
             before=before,
             after=after,
             timings=timings,
-            latency_batch_size=self.options.timing.batch_size if self.options.timing else None,
+            latency_batch_size=speed.batch_size if speed is not None else None,
             monitor=self.monitor,
             metric_before=metric_before,
             metric_after_cut=metric_after_cut,

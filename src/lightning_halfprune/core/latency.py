@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_halfprune.core import log
-from lightning_halfprune.core.graph import graph_safe, run_model
+from lightning_halfprune.core.graph import graph_safe, output_tensors, run_model
 from lightning_halfprune.core.measure import repeat_batch
 from lightning_halfprune.core.snapshot import ModuleSnapshot
 
@@ -103,6 +103,7 @@ def compare(
     new = ModuleSnapshot(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     old = old.on(device)
+    batch_size = affordable_batch(model, example_input, batch_size)
     x = repeat_batch(example_input, batch_size)
     threads_before = torch.get_num_threads()
     threads = threads or threads_before
@@ -155,8 +156,8 @@ def verdict(times: list[tuple[float, float]], threads: int, batch_size: int, dev
     reason = None
     if len(ratios) < MIN_PAIRS:
         reason = (
-            f"only {len(ratios)} pairs fit in the time budget (a larger `latency_budget_s` or a smaller "
-            "`latency_batch_size` gives more)"
+            f"only {len(ratios)} pairs fit in the time budget (a larger `Timing(budget_s=...)` or a smaller "
+            "`Timing(batch_size=...)` gives more)"
         )
     elif low <= 1.0 <= high:
         reason = f"the median's 95% CI {low:.2f}-{high:.2f} straddles 1"
@@ -193,6 +194,24 @@ def _median_interval(ratios: list[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     half = 0.98 * math.sqrt(n)  # 1.96 * sqrt(n) / 2
     return ratios[max(0, math.floor(n / 2 - half))], ratios[min(n - 1, math.ceil(n / 2 + half) - 1)]
+
+
+def affordable_batch(model: nn.Module, example_input: Any, wanted: int, share: float = 0.25) -> int:
+    """``wanted``, or fewer samples where the outputs would take more than ``share`` of the weights' bytes.
+
+    A language model's logits grow with batch x tokens x vocabulary: 64 sequences of 128 tokens over a 32k vocabulary
+    are 1 GiB of logits, more than a 125M model's weights. Timing must not be what makes a fit run out of memory.
+    """
+    first = next(iter(example_input.values())) if isinstance(example_input, dict) else example_input
+    first = first[0] if isinstance(first, tuple) else first
+    have = first.shape[0] if torch.is_tensor(first) and first.dim() else 1
+    with graph_safe(model), torch.no_grad():
+        model.eval()
+        out = run_model(model, example_input)
+    out_bytes = sum(t.numel() * t.element_size() for t in output_tensors(out)) / max(have, 1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    fits = int(share * weights // max(out_bytes, 1))
+    return max(1, min(wanted, max(fits, have)))
 
 
 def _calls_per_block(seconds_per_call: float) -> int:

@@ -5,8 +5,6 @@ Nothing here logs; ``report.py`` turns these numbers into tables and logger payl
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -128,32 +126,3 @@ def repeat_batch(example_input: Any, batch_size: int) -> Any:
     if isinstance(example_input, dict):
         return {k: repeat_batch(v, batch_size) for k, v in example_input.items()}
     return example_input
-
-
-def measure_latency(
-    model: nn.Module, example_input: Any, batch_size: int = 64, runs: int = 10, warmup: int = 2
-) -> float:
-    """Median inference time in milliseconds of ``runs`` timed forward passes at ``batch_size``.
-
-    CPU: wall clock; CUDA: CUDA events, synchronised. The model's train/eval mode is restored afterwards.
-    """
-    x = repeat_batch(example_input, batch_size)
-    cuda = next((p.is_cuda for p in model.parameters()), False)
-    times = []
-    with graph_safe(model), torch.no_grad():
-        model.eval()
-        for i in range(warmup + runs):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run_model(model, x)
-                end.record()
-                torch.cuda.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                run_model(model, x)
-                elapsed = (time.perf_counter() - t0) * 1000
-            if i >= warmup:
-                times.append(elapsed)
-    return statistics.median(times)
