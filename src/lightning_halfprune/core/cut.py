@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
+from lightning_halfprune.core import moe
 from lightning_halfprune.core.errors import BrokenForward, SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup, graph_safe, module_by_name, run_model
 from lightning_halfprune.core.plan import Cut
@@ -41,6 +42,10 @@ class ParamRemap:
         if value.dim() != len(shape) or any(v not in (s, 1) for v, s in zip(value.shape, shape, strict=True)):
             raise ValueError(f"state of shape {tuple(value.shape)} for a parameter of shape {tuple(shape)}")
         for dim, keep in self.steps[param][1]:
+            if keep.dim() == 2:  # one row of kept indices per entry of dim 0 (each expert of a fused MoE tensor)
+                value = take_per_row(value, keep, dim) if value.shape[dim] == shape[dim] != 1 else value
+                shape[dim] = keep.shape[1]
+                continue
             if value.shape[dim] == shape[dim] != 1:
                 value = torch.index_select(value, dim, keep.to(value.device))
             shape[dim] = len(keep)
@@ -63,6 +68,24 @@ def graph_intact(err: BaseException) -> bool:
     )
 
 
+def take_per_row(value: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """``value`` keeping, along ``dim``, the indices ``keep[i]`` in its slice ``i`` of dim 0 (``keep``: rows x kept)."""
+    if value.shape[0] != keep.shape[0]:
+        raise ValueError(f"a tensor of shape {tuple(value.shape)} cannot keep {tuple(keep.shape)} indices per row")
+    view = [keep.shape[0] if d == 0 else keep.shape[1] if d == dim else 1 for d in range(value.dim())]
+    size = [keep.shape[1] if d == dim else n for d, n in enumerate(value.shape)]
+    return torch.take_along_dim(value, keep.to(value.device).view(view).expand(size), dim)
+
+
+_RECORDERS: list[Callable[[nn.Parameter, nn.Parameter, int, torch.Tensor], None]] = []
+
+
+def record_slice(old: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Tensor) -> None:
+    """Record, in the innermost ``tracking_slices`` block, a slice made outside torch-pruning (MoE experts)."""
+    if _RECORDERS:
+        _RECORDERS[-1](old, new, dim, keep)
+
+
 @contextlib.contextmanager
 def tracking_slices() -> Iterator[ParamRemap]:
     """Record every slice torch-pruning takes of a parameter, chaining repeated slices of the same tensor."""
@@ -83,11 +106,14 @@ def tracking_slices() -> Iterator[ParamRemap]:
             return new
         new = original(self, weight, keep_idxs, pruning_dim)
         done[(id(weight), dim)] = (weight, new, keep)
+        remember(weight, new, dim, keep)
+        return new
+
+    def remember(weight: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Tensor) -> None:
         source = successor.pop(weight, weight)
         _, steps = remap.steps.get(source, (None, []))
         remap.steps[source] = (new, [*steps, (dim, keep)])
         successor[new] = source
-        return new
 
     def wrap(slicing: Callable[..., nn.Parameter]) -> Callable[..., nn.Parameter]:
         nonlocal original
@@ -95,8 +121,12 @@ def tracking_slices() -> Iterator[ParamRemap]:
         return tracked
 
     original: Callable[..., nn.Parameter] = tpc.prune_parameter  # replaced by torch-pruning's own in ``wrap``
-    with tpc.parameter_slicing(wrap):
-        yield remap
+    _RECORDERS.append(remember)
+    try:
+        with tpc.parameter_slicing(wrap):
+            yield remap
+    finally:
+        _RECORDERS.remove(remember)
 
 
 def attributed(prune: Callable[[], bool], group: str) -> bool:
@@ -232,6 +262,9 @@ def checked_forward(
 def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:
     """Remove one cut's channels through the graph (attention head-wise); True if the graph is stale after it."""
     module = module_by_name(model, cut.layer)
+    if moe.is_experts(module):
+        moe.prune(module, cut.channels, cut.layer)
+        return True  # the experts' layers (or unwrapped tensors) in the graph are stale: rebuild it
     spec = next((s for s in attn.find_attention(model) if s.root is module), None)
     if spec is not None:
         try:

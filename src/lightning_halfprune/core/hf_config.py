@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import layers
+from lightning_halfprune.core import layers, moe
 
 # the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
 _MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")
@@ -26,6 +26,7 @@ def sync(model: nn.Module) -> None:
     for owner, config in _configs(model):
         _sync_heads(config, [s for s in attn.find_attention(owner) if getattr(s.module, "config", config) is config])
         _sync_mlp(config, owner)
+        moe.sync_config(config, owner)
         _sync_hidden(config, owner)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import layers
+from lightning_halfprune.core import layers, moe
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup
 
@@ -105,6 +105,12 @@ class Planner:
         cuts = []
         for g in groups:
             if g.name not in self.original_widths:
+                continue
+            if isinstance(g.group, moe.ExpertGroup):  # each expert to the ratio, ranked by weight magnitude
+                channels = moe.plan(
+                    g.group.experts, self.original_widths[g.name], ratio, self.max_layer_ratio, self.round_to
+                )
+                cuts.extend([Cut(g.name, channels)] if channels else [])
                 continue
             if g.attention is not None and not self.global_pruning:
                 cuts.extend(self._plan_attention(g, ratio, score))

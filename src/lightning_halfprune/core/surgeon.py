@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import hf_config, layers
+from lightning_halfprune.core import hf_config, layers, moe
 from lightning_halfprune.core.cut import (
     DryRun,
     ParamRemap,
@@ -141,16 +141,19 @@ class Surgeon:
         specs = attn.find_attention(self.model)
         # q/k/v are never roots of the graph's own groups: heads are cut by attention.py, and searching groups
         # from them through rotary embeddings is what made torch-pruning hang on Llama
-        not_roots = ignored + [m for s in specs for m in s.inputs]
+        experts = moe.find_experts(self.model)  # routed experts: cut by moe.py, never roots of the graph's groups
+        not_roots = ignored + [m for s in specs for m in s.inputs] + [m for e in experts for m in e.layers]
         outputs = {s.o for s in specs}
         roots = ROOT_TYPES + tuple(layers.customized_pruners(self.model))
         holders = shared_parameter_holders(self.model)
         found = []
         for group in all_groups(graph, self.model, not_roots, roots):
-            if reaches_output(graph, group) or inconsistent(graph, group) or unties(graph, group, holders):
+            if reaches_output(graph, group):
                 continue
             if outputs and not self.prune_hidden_size and prunes_out(graph, group, outputs):
                 continue  # the residual stream of a transformer: left alone unless asked
+            if inconsistent(graph, group) or unties(graph, group, holders):
+                continue
             root = group[0].dep.target.module
             found.append(
                 ChannelGroup(tpc.module_names(graph)[root], group, graph.get_out_channels(root), slots_of(graph, group))
@@ -160,6 +163,7 @@ class Surgeon:
                 if s.root in ignored or s.module in ignored or s.root not in graph.module2node:
                     continue
                 found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), layers.out_width(s.root), 1, s))
+        found += [ChannelGroup(e.name, moe.ExpertGroup(e), sum(e.widths)) for e in experts if e.module not in ignored]
         self._groups = (self._signature, found)
         return found
 

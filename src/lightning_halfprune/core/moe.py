@@ -1,0 +1,321 @@
+"""Mixture-of-experts blocks: find the experts, rank and cut each expert's MLP width, keep configs in sync.
+
+torch-pruning cannot see inside an experts block: the routing is data-dependent (an expert that got no token of
+the example input is not traced at all), and Hugging Face 5.x stores the experts fused in 3-D parameters
+(``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``) that its graph does not know. Here an experts block
+is recognised by its structure and cut as one group of its own, named by the experts module:
+
+* **fused** (Mixtral, Qwen2-MoE, Qwen3-MoE, and any module with 3-D ``gate_up_proj``/``up_proj`` and ``down_proj``):
+  every expert keeps the same number of intermediate channels (one tensor holds them all), each expert its own
+  most important ones; the layout (concatenated or interleaved gate|up, transposed, biases) is read from the
+  attributes transformers' ``use_experts_implementation`` sets.
+* **a list of per-expert MLPs** (an ``experts`` ``ModuleList``/``ModuleDict`` of blocks with up/gate and down
+  ``Linear`` layers: Switch/GShard-style, older Mixtral): each expert keeps its share of its own width.
+
+A cut is recorded like any other, ``Cut(experts_module_name, channels)`` with channel ``offset_e + j`` for channel
+``j`` of expert ``e`` (``offset_e``: the widths of the experts before it), so checkpoints replay it through the same
+path. The router (hidden -> E) and the residual stream are untouched; shared experts (plain MLPs) are cut by the
+ordinary graph path. Channels are ranked by the L2 norm of their weights (gate and up rows, down column): the
+configured scorer reads torch-pruning groups, which experts do not have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_halfprune.core import layers, log
+from lightning_halfprune.core.errors import SurgeryError
+
+_UP = ("gate_proj", "up_proj", "w1", "w3", "wi", "wi_0", "wi_1", "fc1", "c_fc")  # per-expert layers widening to I
+_DOWN = ("down_proj", "w2", "wo", "fc2", "c_proj")  # the per-expert layer reading I
+_FUSED_UP = (("gate_up_proj", 2), ("gate_proj", 1), ("up_proj", 1))  # 3-D parameter, chunks of I it holds
+_WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "moe_intermediate_size", "expert_dim")
+_SHARED = (".shared_expert", ".shared_experts")
+_WARNED: set[int] = set()  # configs already told their experts' widths differ
+
+
+@dataclass(eq=False)
+class Experts:
+    """One experts block: its module, its name, and how its intermediate channels are laid out."""
+
+    name: str
+    module: nn.Module
+    mlps: list[tuple[list[nn.Module], nn.Module]] | None = None  # list layout: (up-like layers, down layer) each
+
+    @property
+    def fused(self) -> bool:
+        return self.mlps is None
+
+    @property
+    def num_experts(self) -> int:
+        return self.module.down_proj.shape[0] if self.fused else len(self.mlps)
+
+    @property
+    def widths(self) -> list[int]:
+        """Each expert's intermediate width now."""
+        if self.fused:
+            return [_fused_width(self.module)] * self.num_experts
+        return [layers.in_width(down) for _, down in self.mlps]
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The per-expert linear layers (list layout): never roots of torch-pruning's own groups."""
+        return [m for ups, down in self.mlps or [] for m in (*ups, down)]
+
+
+class ExpertGroup:
+    """Stands in a ``ChannelGroup`` for torch-pruning's group: it has no graph items, and is hashed by identity."""
+
+    def __init__(self, experts: Experts) -> None:
+        self.experts = experts
+
+    def __iter__(self):
+        return iter(())
+
+
+# ------------------------------------------------------------------ finding
+def _is_transposed(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_transposed", False))
+
+
+def _fused_width(module: nn.Module) -> int:
+    return module.down_proj.shape[1 if _is_transposed(module) else 2]
+
+
+def _fused_ups(module: nn.Module) -> list[tuple[str, int]]:
+    """The 3-D up-like parameters of a fused experts module, with how many chunks of ``I`` each holds."""
+    gated = bool(getattr(module, "has_gate", True))
+    ups = []
+    for pname, chunks in _FUSED_UP:
+        p = module._parameters.get(pname)
+        if isinstance(p, torch.Tensor) and p.dim() == 3:
+            ups.append((pname, chunks if gated else 1))
+    return ups
+
+
+def _fused(module: nn.Module) -> bool:
+    down = module._parameters.get("down_proj")
+    if not isinstance(down, torch.Tensor) or down.dim() != 3:
+        return False
+    ups = _fused_ups(module)
+    t = _is_transposed(module)
+    width, hidden = (down.shape[1], down.shape[2]) if t else (down.shape[2], down.shape[1])
+    for pname, chunks in ups:
+        p = module._parameters[pname]
+        rows, cols = (p.shape[2], p.shape[1]) if t else (p.shape[1], p.shape[2])
+        if p.shape[0] != down.shape[0] or rows != chunks * width or cols != hidden:
+            return False
+    return bool(ups)
+
+
+def _mlp(expert: nn.Module) -> tuple[list[nn.Module], nn.Module] | None:
+    children = expert._modules
+    ups = [children[n] for n in _UP if children.get(n) is not None and layers.out_width(children[n])]
+    downs = [children[n] for n in _DOWN if children.get(n) is not None and layers.in_width(children[n])]
+    if not ups or len(downs) != 1 or any(layers.out_width(u) != layers.in_width(downs[0]) for u in ups):
+        return None
+    return ups, downs[0]
+
+
+def find_experts(model: nn.Module) -> list[Experts]:
+    """Every experts block of ``model`` HalfPrune can cut: fused 3-D experts and lists of expert MLPs."""
+    found = []
+    for name, module in model.named_modules():
+        if _fused(module):
+            found.append(Experts(name, module))
+        elif isinstance(module, (nn.ModuleList, nn.ModuleDict)) and name.rsplit(".", 1)[-1].endswith("experts"):
+            experts = list(module.values() if isinstance(module, nn.ModuleDict) else module)
+            mlps = [_mlp(e) for e in experts]
+            if len(mlps) >= 2 and all(m is not None for m in mlps):
+                found.append(Experts(name, module, mlps))
+    return found
+
+
+def is_experts(module: nn.Module) -> bool:
+    """True for a module ``find_experts`` would return (the name a cut of it is recorded under)."""
+    if _fused(module):
+        return True
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        experts = list(module.values() if isinstance(module, nn.ModuleDict) else module)
+        return len(experts) >= 2 and all(_mlp(e) is not None for e in experts)
+    return False
+
+
+def _describe(module: nn.Module, name: str) -> Experts:
+    if _fused(module):
+        return Experts(name, module)
+    experts = list(module.values() if isinstance(module, nn.ModuleDict) else module)
+    return Experts(name, module, [_mlp(e) for e in experts])
+
+
+def width(module: nn.Module) -> int | None:
+    """The total intermediate width of an experts module (the sum over experts), None for any other module."""
+    return sum(_describe(module, "").widths) if is_experts(module) else None
+
+
+# ------------------------------------------------------------------ scoring and planning
+def magnitudes(experts: Experts) -> list[torch.Tensor]:
+    """Per expert, the L2 norm of each intermediate channel's weights (its gate/up rows and its down column)."""
+    with torch.no_grad():
+        if not experts.fused:
+            return [_list_magnitude(ups, down) for ups, down in experts.mlps]
+        m, t = experts.module, _is_transposed(experts.module)
+        total = torch.zeros(experts.num_experts, _fused_width(m))
+        every = torch.arange(total.shape[1]).repeat(total.shape[0], 1)
+        for pname, chunks in _chunk_rows(m, every).items():
+            p = getattr(m, pname).detach().float()
+            sq = p.pow(2).sum(1 if t else 2).cpu()  # [E, rows]: one norm per output row
+            total += sum(torch.gather(sq, 1, rows) for rows in chunks)
+        down = m.down_proj.detach().float()
+        total += (down.pow(2).sum(2) if t else down.pow(2).sum(1)).cpu()
+        return list(total.sqrt())
+
+
+def _list_magnitude(ups: Sequence[nn.Module], down: nn.Module) -> torch.Tensor:
+    total = sum(layers.weight_matrix(u).float().pow(2).sum(1) for u in ups)
+    return (total + layers.weight_matrix(down).float().pow(2).sum(0)).sqrt().cpu()
+
+
+def plan(experts: Experts, original: int, ratio: float, max_layer_ratio: float, round_to: int | None) -> list[int]:
+    """The channels (``offset_e + j``) to remove so each expert keeps ``1 - ratio`` of its original width.
+
+    ``original`` is the block's total width when pruning started; each expert's share of it is its share of the
+    width now (cuts keep the proportions). Floors (``max_layer_ratio``) and ``round_to`` apply per expert; fused
+    experts all keep the same number of channels.
+    """
+    now = experts.widths
+    total = sum(now)
+    channels, offset = [], 0
+    align = _alignment(experts)
+    for width_now, scores in zip(now, magnitudes(experts), strict=True):
+        start = original * width_now / total
+        keep = int(math.floor(start * (1 - ratio) + 0.5))
+        if round_to:
+            keep = max(round_to, int(math.floor(keep / round_to + 0.5)) * round_to)
+        floor = max(1, math.ceil(start * (1 - max_layer_ratio) - 1e-9))
+        keep = max(keep, floor)
+        if align > 1 and width_now % align == 0:
+            keep = int(math.floor(keep / align + 0.5)) * align
+            keep = keep if keep >= floor else math.ceil(floor / align) * align
+        keep = min(width_now, keep)
+        drop = torch.argsort(scores, stable=True)[: width_now - keep]
+        channels.extend(sorted(offset + int(j) for j in drop))
+        offset += width_now
+    return channels
+
+
+def _alignment(experts: Experts) -> int:
+    """Widths a fused experts tensor must keep a multiple of.
+
+    ``torch._grouped_mm`` (transformers' default ``grouped_mm`` experts implementation) needs rows of a multiple of
+    16 bytes (4 float32, 8 bfloat16 values).
+    """
+    if not experts.fused:
+        return 1
+    return max(1, 16 // experts.module.down_proj.element_size())
+
+
+# ------------------------------------------------------------------ cutting
+def _per_expert(experts: Experts, channels: Sequence[int], name: str) -> list[list[int]]:
+    widths = experts.widths
+    total = sum(widths)
+    bad = [c for c in channels if not 0 <= int(c) < total]
+    if bad or len(set(channels)) != len(channels):
+        raise SurgeryError(f"cannot remove channels {list(channels)[:8]} from the experts {name!r} of width {total}.")
+    drops: list[list[int]] = [[] for _ in widths]
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    for c in sorted(int(c) for c in channels):
+        e = next(i for i in range(len(widths)) if bounds[i] <= c < bounds[i + 1])
+        drops[e].append(c - bounds[e])
+    if any(len(d) >= w for d, w in zip(drops, widths, strict=True)):
+        raise SurgeryError(f"removing these channels would leave an expert of {name!r} with no channel.")
+    if experts.fused and len({len(d) for d in drops}) > 1:
+        raise SurgeryError(
+            f"the experts of {name!r} are stored in one tensor: every expert must lose the same number of channels, "
+            f"got {[len(d) for d in drops]}."
+        )
+    return drops
+
+
+def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
+    """Remove ``channels`` (``offset_e + j``) from the experts ``module``; every slice is recorded for the optimizer."""
+    experts = _describe(module, name)
+    drops = _per_expert(experts, channels, name)
+    if not experts.fused:
+        for (ups, down), drop in zip(experts.mlps, drops, strict=True):
+            if drop:
+                for up in ups:
+                    layers.pruner(up).prune_out_channels(up, drop)
+                layers.pruner(down).prune_in_channels(down, drop)
+        return
+    old = _fused_width(module)
+    keep = torch.stack([torch.tensor(sorted(set(range(old)) - set(d)), dtype=torch.long) for d in drops])
+    t = _is_transposed(module)
+    for pname, rows in _up_rows(module, keep).items():
+        _replace(module, pname, 2 if t else 1, rows)
+        if isinstance(module._parameters.get(pname + "_bias"), torch.Tensor):
+            _replace(module, pname + "_bias", 1, rows)
+    _replace(module, "down_proj", 1 if t else 2, keep)
+    for attr in _WIDTH_ATTRS:
+        if getattr(module, attr, None) == old:
+            setattr(module, attr, keep.shape[1])
+
+
+def _chunk_rows(module: nn.Module, keep: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Per up-like parameter, per chunk (gate, up), the rows holding intermediate channels ``keep`` (``[E, k]``)."""
+    width = _fused_width(module)
+    concatenated = getattr(module, "is_concatenated", True)  # [gate; up], else interleaved [g0, u0, g1, u1, ...]
+    return {
+        pname: [keep + i * width if concatenated else keep * chunks + i for i in range(chunks)]
+        for pname, chunks in _fused_ups(module)
+    }
+
+
+def _up_rows(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows of each up-like parameter to keep, in the parameter's own order."""
+    concatenated = getattr(module, "is_concatenated", True)
+    return {
+        pname: torch.cat(chunks, 1) if concatenated else torch.stack(chunks, 2).flatten(1)
+        for pname, chunks in _chunk_rows(module, keep).items()
+    }
+
+
+def _replace(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> None:
+    from lightning_halfprune.core.cut import record_slice, take_per_row  # cut.py dispatches here
+
+    old = module._parameters[pname]
+    new = nn.Parameter(take_per_row(old.detach(), keep, dim), requires_grad=old.requires_grad)
+    if old.grad is not None:
+        new.grad = take_per_row(old.grad, keep, dim)
+    setattr(module, pname, new)
+    record_slice(old, new, dim, keep)
+
+
+# ------------------------------------------------------------------ configs
+def sync_config(config: Any, owner: nn.Module) -> None:
+    """The experts' and shared experts' widths into a Hugging Face config, where one number describes them all."""
+    blocks = [e for e in find_experts(owner) if getattr(e.module, "config", config) is config]
+    widths = {w for e in blocks for w in e.widths}
+    field = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
+    if len(widths) == 1 and isinstance(getattr(config, field, None), int):
+        setattr(config, field, widths.pop())
+    elif len(widths) > 1 and isinstance(getattr(config, field, None), int) and id(config) not in _WARNED:
+        _WARNED.add(id(config))  # once per config: every later cut would say the same
+        log.warn(
+            f"the experts ended with different widths ({sorted(widths)}): `config.{field}` cannot describe them and "
+            "keeps its value; reload the pruned model with `load_pruned`, not `from_pretrained`.",
+            stacklevel=4,
+        )
+    shared = {
+        layers.out_width(m._modules[n])
+        for name, m in owner.named_modules()
+        if name.endswith(_SHARED) and (n := next((n for n in _UP if m._modules.get(n) is not None), None))
+    }
+    if len(shared) == 1 and isinstance(getattr(config, "shared_expert_intermediate_size", None), int):
+        config.shared_expert_intermediate_size = shared.pop()
