@@ -58,6 +58,9 @@ def _sync_heads(config: Any, specs: list[attn.AttentionSpec]) -> None:
     _set_if_agreed(config, ("num_attention_heads", "n_head"), {heads})
     _set_if_agreed(config, ("num_key_value_heads",), {kv})
     _set_if_agreed(config, ("head_dim",), {head_dim})
+    derived = getattr(config, "hidden_size", head_dim * heads) // heads
+    if getattr(config, "head_dim", None) is None and head_dim != derived:
+        config.head_dim = head_dim  # absent or None reads as hidden_size / heads (Mixtral, Qwen2-MoE): no longer true
 
 
 def _sync_mlp(config: Any, owner: nn.Module) -> None:
