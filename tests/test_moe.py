@@ -18,12 +18,13 @@ from lightning_halfprune.core.cut import tracking_slices  # noqa: E402
 from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
 from lightning_halfprune.core.measure import count_params  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
+from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
 from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
 from moe_models import MoEWrapper, SwitchMoE  # noqa: E402
 from transformer_models import loader  # noqa: E402
 
 
-def fit(tmp_path, kind, epochs=2, callbacks=(), ckpt_path=None, **halfprune):
+def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, **halfprune):
     model = MoEWrapper(kind)
     cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False, **halfprune)
     trainer = pl.Trainer(
@@ -160,3 +161,16 @@ def test_plan_keeps_floors_and_aligns_fused_widths_for_grouped_mm():
     channels = moe.plan(experts, 4 * 128, 0.3, 0.9, None)
     assert len(channels) == 4 * (128 - 92)  # 89.6 -> 92: a multiple of 4 float32 values (16 bytes)
     assert len(moe.plan(experts, 4 * 128, 0.99, 0.9, None)) == 4 * (128 - 16)  # floor 12.8 -> 13, aligned to 16
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_pruned_moe_saves_and_reloads_with_from_pretrained(tmp_path, kind):
+    """The config describes the pruned experts, shared expert and heads: `save_pretrained` -> `from_pretrained`."""
+    model = MoEWrapper(kind)
+    surgeon = Surgeon(model, model.example_input_array)
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    net = model.net.eval()
+    net.save_pretrained(tmp_path / "pruned")
+    reloaded = type(net).from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(model.example_input_array).logits, net(model.example_input_array).logits)
