@@ -158,9 +158,9 @@ def test_expert_lists_cut_each_expert_and_record_the_slices():
 def test_plan_keeps_floors_and_aligns_fused_widths_for_grouped_mm():
     model = MoEWrapper("mixtral")
     (experts, *_) = moe.find_experts(model)
-    channels = moe.plan(experts, 4 * 128, 0.3, 0.9, None)
+    channels = moe.plan(experts, [128] * 4, 0.3, 0.9, None)
     assert len(channels) == 4 * (128 - 92)  # 89.6 -> 92: a multiple of 4 float32 values (16 bytes)
-    assert len(moe.plan(experts, 4 * 128, 0.99, 0.9, None)) == 4 * (128 - 16)  # floor 12.8 -> 13, aligned to 16
+    assert len(moe.plan(experts, [128] * 4, 0.99, 0.9, None)) == 4 * (128 - 16)  # floor 12.8 -> 13, aligned to 16
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
@@ -174,3 +174,39 @@ def test_pruned_moe_saves_and_reloads_with_from_pretrained(tmp_path, kind):
     reloaded = type(net).from_pretrained(tmp_path / "pruned").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(model.example_input_array).logits, net(model.example_input_array).logits)
+
+
+def test_whole_experts_go_with_their_router_rows_and_reload(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model, cb = fit(tmp_path, "qwen3_moe", callbacks=[ckpt], moe="experts")
+    block = model.net.model.layers[0].mlp
+    assert block.experts.gate_up_proj.shape == (2, 128, 64) and block.gate.weight.shape == (2, 64)
+    assert block.experts.num_experts == block.gate.num_experts == model.net.config.num_experts == 2
+    assert [layer for e in cb.history for layer, _ in e["cuts"] if "mlp" in layer][0].endswith("mlp.gate")
+    assert all(math.isfinite(loss) for loss in model.losses)
+    assert_adam_state_follows(model)
+    loaded = load_pruned(MoEWrapper, ckpt.last_model_path)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    x = model.example_input_array
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_both_removes_experts_and_width_and_keeps_top_k():
+    model = MoEWrapper("mixtral")
+    surgeon = Surgeon(model, model.example_input_array, moe_mode="both")
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    experts = model.net.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.shape == (3, 2 * 92, 64)  # sqrt(0.5) of 4 experts and of 128 channels each
+    assert model.net.config.num_local_experts == 3 and model.net.config.intermediate_size == 92
+    surgeon.cut(surgeon.plan(0.99, get_scorer("l2")))
+    assert experts.num_experts == 2  # never fewer than the experts each token is routed to
+
+
+def test_a_list_of_experts_cannot_lose_whole_experts_and_says_so():
+    model = MoEWrapper("switch")
+    with pytest.warns(UserWarning, match="whole experts cannot be removed"):
+        surgeon = Surgeon(model, model.example_input_array, moe_mode="experts")
+    assert [g.name for g in surgeon.groups() if "experts" in g.name] == [
+        "net.blocks.0.moe.experts", "net.blocks.1.moe.experts"
+    ]

@@ -262,8 +262,8 @@ def checked_forward(
 def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:
     """Remove one cut's channels through the graph (attention head-wise); True if the graph is stale after it."""
     module = module_by_name(model, cut.layer)
-    if moe.is_experts(module):
-        moe.prune(module, cut.channels, cut.layer)
+    if moe.owns(model, cut.layer, module):
+        moe.prune_cut(model, cut.layer, module, cut.channels)
         return True  # the experts' layers (or unwrapped tensors) in the graph are stale: rebuild it
     spec = next((s for s in attn.find_attention(model) if s.root is module), None)
     if spec is not None:

@@ -24,13 +24,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_halfprune.core import layers, log
+from lightning_halfprune.core import moe_experts as whole
 from lightning_halfprune.core.errors import SurgeryError
+from lightning_halfprune.core.graph import ChannelGroup
+
+MoEMode = Literal["width", "experts", "both", "none"]
+MOE_MODES = ("width", "experts", "both", "none")
 
 _UP = ("gate_proj", "up_proj", "w1", "w3", "wi", "wi_0", "wi_1", "fc1", "c_fc")  # per-expert layers widening to I
 _DOWN = ("down_proj", "w2", "wo", "fc2", "c_proj")  # the per-expert layer reading I
@@ -38,6 +43,7 @@ _FUSED_UP = (("gate_up_proj", 2), ("gate_proj", 1), ("up_proj", 1))  # 3-D param
 _WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "moe_intermediate_size", "expert_dim")
 _SHARED = (".shared_expert", ".shared_experts")
 _WARNED: set[int] = set()  # configs already told their experts' widths differ
+_WARNED_MODE: set[tuple[int, str]] = set()  # (model, experts) already told whole experts cannot go
 
 
 @dataclass(eq=False)
@@ -70,13 +76,72 @@ class Experts:
 
 
 class ExpertGroup:
-    """Stands in a ``ChannelGroup`` for torch-pruning's group: it has no graph items, and is hashed by identity."""
+    """Stands in a ``ChannelGroup`` for torch-pruning's group: it has no graph items, and is hashed by identity.
 
-    def __init__(self, experts: Experts) -> None:
-        self.experts = experts
+    The group of an experts block's widths; ``router_name``: its router, if whole experts can be removed.
+    """
+
+    def __init__(self, experts: Experts, router_name: str | None = None) -> None:
+        self.experts, self.router_name = experts, router_name
 
     def __iter__(self):
         return iter(())
+
+
+class RouterGroup(ExpertGroup):
+    """The group of a fused block's whole experts, named by its router; ``mass()``: routing mass per router."""
+
+    def __init__(self, experts: Experts, router_name: str, router: nn.Module, mass: Any) -> None:
+        super().__init__(experts, router_name)
+        self.router, self.mass = router, mass
+
+
+def check_mode(moe: Any) -> None:
+    if moe not in MOE_MODES:
+        raise ValueError(f"`moe` must be one of {MOE_MODES}, got {moe!r}.")
+
+
+def channel_groups(
+    model: nn.Module, experts: Sequence[Experts], ignored: Sequence[nn.Module], mode: MoEMode, run: Any
+) -> list[ChannelGroup]:
+    """The groups of ``experts`` that ``mode`` cuts.
+
+    Widths with ``"width"``/``"both"``; whole experts with ``"experts"``/``"both"`` (fused blocks with a router).
+    ``run()`` runs the example input, to rank experts by routing mass.
+    """
+    found, routers = [], []
+    for e in experts:
+        if e.module in ignored or mode == "none":
+            continue
+        router = whole.router_of(model, e.name, e.num_experts) if e.fused else None
+        router = router if router is not None and router[1] not in ignored else None
+        if mode in ("experts", "both") and router is not None:
+            routers.append((e, *router))
+        elif mode != "width" and (id(model), e.name) not in _WARNED_MODE:
+            _WARNED_MODE.add((id(model), e.name))
+            log.warn(f"`moe={mode!r}`: {e.name!r} has no router HalfPrune can follow, or is a list of expert "
+                     "modules: whole experts cannot be removed from it, its experts' widths are cut instead.",
+                     stacklevel=4)
+        if mode == "width" or router is None:
+            found.append(ChannelGroup(e.name, ExpertGroup(e), sum(e.widths)))
+        elif mode == "both":
+            found.append(ChannelGroup(e.name, ExpertGroup(e, router[0]), sum(e.widths)))
+    mass = _MassCache([r for _, _, r in routers], run)
+    found += [ChannelGroup(n, RouterGroup(e, n, r, mass), e.num_experts) for e, n, r in routers]
+    return found
+
+
+class _MassCache:
+    """Routing mass of every router, measured in one forward, again only once a router's weight has changed."""
+
+    def __init__(self, routers: list[nn.Module], run: Any) -> None:
+        self.routers, self.run, self.key, self.value = routers, run, None, {}
+
+    def __call__(self, router: nn.Module) -> torch.Tensor | None:
+        key = tuple((id(r.weight), r.weight._version) for r in self.routers)
+        if key != self.key:
+            self.value, self.key = whole.routing_mass(self.run, self.routers), key
+        return self.value.get(router)
 
 
 # ------------------------------------------------------------------ finding
@@ -156,7 +221,7 @@ def _describe(module: nn.Module, name: str) -> Experts:
 
 def width(module: nn.Module) -> int | None:
     """The total intermediate width of an experts module (the sum over experts), None for any other module."""
-    return sum(_describe(module, "").widths) if is_experts(module) else None
+    return sum(_describe(module, "").widths) if is_experts(module) else whole.router_width(module)
 
 
 # ------------------------------------------------------------------ scoring and planning
@@ -182,19 +247,43 @@ def _list_magnitude(ups: Sequence[nn.Module], down: nn.Module) -> torch.Tensor:
     return (total + layers.weight_matrix(down).float().pow(2).sum(0)).sqrt().cpu()
 
 
-def plan(experts: Experts, original: int, ratio: float, max_layer_ratio: float, round_to: int | None) -> list[int]:
+def plan_cuts(
+    g: ChannelGroup, original_widths: dict[str, int], ratio: float, max_layer_ratio: float, round_to: int | None,
+    mode: MoEMode,
+) -> list[tuple[str, list[int]]]:
+    """(layer, channels) to cut from one experts group at cumulative ``ratio`` (``"both"``: each by its square root).
+
+    Whole experts: ``1 - ratio`` of the block's original experts stay (at least ``top_k``, and the floor of
+    ``max_layer_ratio``), the least routed go. Widths: see ``plan``.
+    """
+    group = g.group
+    part = 1 - math.sqrt(1 - ratio) if mode == "both" and group.router_name else ratio
+    original = original_widths[g.name]
+    if isinstance(group, RouterGroup):
+        keep = max(int(math.floor(original * (1 - part) + 0.5)), math.ceil(original * (1 - max_layer_ratio) - 1e-9))
+        drop = whole.plan(group.router, group.mass(group.router), keep)
+        return [(g.name, drop)] if drop else []
+    experts = group.experts
+    if experts.fused:  # the original per-expert width (whole experts may have gone since)
+        starts = [original / original_widths.get(group.router_name or "", experts.num_experts)] * experts.num_experts
+    else:  # cuts keep the proportions between experts
+        starts = [original * w / sum(experts.widths) for w in experts.widths]
+    channels = plan(experts, starts, part, max_layer_ratio, round_to)
+    return [(g.name, channels)] if channels else []
+
+
+def plan(
+    experts: Experts, starts: Sequence[float], ratio: float, max_layer_ratio: float, round_to: int | None
+) -> list[int]:
     """The channels (``offset_e + j``) to remove so each expert keeps ``1 - ratio`` of its original width.
 
-    ``original`` is the block's total width when pruning started; each expert's share of it is its share of the
-    width now (cuts keep the proportions). Floors (``max_layer_ratio``) and ``round_to`` apply per expert; fused
-    experts all keep the same number of channels.
+    ``starts``: each expert's width when pruning started. Floors (``max_layer_ratio``) and ``round_to`` apply per
+    expert; fused experts all keep the same number of channels.
     """
     now = experts.widths
-    total = sum(now)
     channels, offset = [], 0
     align = _alignment(experts)
-    for width_now, scores in zip(now, magnitudes(experts), strict=True):
-        start = original * width_now / total
+    for width_now, scores, start in zip(now, magnitudes(experts), starts, strict=True):
         keep = int(math.floor(start * (1 - ratio) + 0.5))
         if round_to:
             keep = max(round_to, int(math.floor(keep / round_to + 0.5)) * round_to)
@@ -241,6 +330,33 @@ def _per_expert(experts: Experts, channels: Sequence[int], name: str) -> list[li
             f"got {[len(d) for d in drops]}."
         )
     return drops
+
+
+def owns(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """True if a cut named ``name`` is one of this room's: an experts block, or the router of a fused one."""
+    return is_experts(module) or _routed(model, name, module) is not None
+
+
+def _routed(model: nn.Module, name: str, module: nn.Module) -> Experts | None:
+    """The fused experts block that ``module`` (named ``name``) is the router of, if it is one."""
+    parent_name, _, child = name.rpartition(".")
+    if child not in whole._ROUTERS or whole.router_width(module) is None:
+        return None
+    parent = model.get_submodule(parent_name)
+    return next(
+        (Experts(f"{parent_name}.{n}", m) for n, m in parent._modules.items()
+         if m is not None and _fused(m) and m.down_proj.shape[0] == whole.router_width(module)),
+        None,
+    )
+
+
+def prune_cut(model: nn.Module, name: str, module: nn.Module, channels: Sequence[int]) -> None:
+    """Cut ``channels`` of the layer ``name``: experts' widths, or (named by a router) whole experts."""
+    routed = _routed(model, name, module)
+    if routed is not None:
+        whole.remove(model, name, channels, routed.module)
+    else:
+        prune(module, channels, name)
 
 
 def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
@@ -301,6 +417,7 @@ def _replace(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> Non
 def sync_config(config: Any, owner: nn.Module) -> None:
     """The experts' and shared experts' widths into a Hugging Face config, where one number describes them all."""
     blocks = [e for e in find_experts(owner) if getattr(e.module, "config", config) is config]
+    whole.sync_config(config, {e.num_experts for e in blocks if e.fused})
     widths = {w for e in blocks for w in e.widths}
     field = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
     if len(widths) == 1 and isinstance(getattr(config, field, None), int):

@@ -96,6 +96,7 @@ class Planner:
     max_layer_ratio: float = 0.9
     global_pruning: bool = False
     attention: attn.AttentionMode = "heads"
+    moe_mode: moe.MoEMode = "width"
 
     def plan(
         self, groups: Sequence[ChannelGroup], ratio: float, score: Callable[[Any], torch.Tensor | None]
@@ -106,11 +107,9 @@ class Planner:
         for g in groups:
             if g.name not in self.original_widths:
                 continue
-            if isinstance(g.group, moe.ExpertGroup):  # each expert to the ratio, ranked by weight magnitude
-                channels = moe.plan(
-                    g.group.experts, self.original_widths[g.name], ratio, self.max_layer_ratio, self.round_to
-                )
-                cuts.extend([Cut(g.name, channels)] if channels else [])
+            if isinstance(g.group, moe.ExpertGroup):  # expert widths or whole experts, always to the ratio
+                args = (self.original_widths, ratio, self.max_layer_ratio, self.round_to, self.moe_mode)
+                cuts.extend(Cut(*cut) for cut in moe.plan_cuts(g, *args))
                 continue
             if g.attention is not None and not self.global_pruning:
                 cuts.extend(self._plan_attention(g, ratio, score))

@@ -69,6 +69,8 @@ class Surgeon:
         attention: how attention modules are cut: ``"heads"``, ``"head_dim"``, ``"both"`` or ``"none"``.
         prune_hidden_size: also cut the residual stream width (embeddings, norms, every projection reading it)
             of models with attention; by default it is left alone.
+        moe_mode: how mixture-of-experts blocks are cut: each expert's width (``"width"``), whole experts with
+            their router rows (``"experts"``), ``"both"`` or ``"none"`` (see ``moe.py``).
     """
 
     def __init__(
@@ -83,8 +85,11 @@ class Surgeon:
         original_widths: dict[str, int] | None = None,
         attention: attn.AttentionMode = "heads",
         prune_hidden_size: bool = False,
+        moe_mode: moe.MoEMode = "width",
     ) -> None:
         attn.check_mode(attention)
+        moe.check_mode(moe_mode)
+        self.moe_mode = moe_mode
         self.attention = attention
         self.prune_hidden_size = bool(prune_hidden_size)
         self.model = model
@@ -163,7 +168,8 @@ class Surgeon:
                 if s.root in ignored or s.module in ignored or s.root not in graph.module2node:
                     continue
                 found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), layers.out_width(s.root), 1, s))
-        found += [ChannelGroup(e.name, moe.ExpertGroup(e), sum(e.widths)) for e in experts if e.module not in ignored]
+        run = lambda: checked_forward(self.model, self.example_input)  # noqa: E731 - ranks experts by routing
+        found += moe.channel_groups(self.model, experts, ignored, self.moe_mode, run)
         self._groups = (self._signature, found)
         return found
 
@@ -175,7 +181,8 @@ class Surgeon:
     def plan(self, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
         """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
         planner = Planner(
-            self.original_widths, self.round_to, self.max_layer_ratio, self.global_pruning, self.attention
+            self.original_widths, self.round_to, self.max_layer_ratio, self.global_pruning, self.attention,
+            self.moe_mode,
         )
         return planner.plan(self.groups(), ratio, score)
 

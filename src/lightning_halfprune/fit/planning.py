@@ -58,6 +58,7 @@ def build_surgeon(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: Any
         original_widths=owner.state.original_widths or None,
         attention=owner.attention,
         prune_hidden_size=owner.prune_hidden_size,
+        moe_mode=getattr(owner, "moe", "width"),
     )
     if scoring.needs_data(owner.scorer):  # a batch the model cannot run fails now, not at the first cut
         batch = calibration_batches(trainer, pl_module, owner.calibration, 1)[0]
