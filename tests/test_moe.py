@@ -82,12 +82,12 @@ def test_fit_halves_moe_and_reloads(tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2_moe", "switch"])
-def test_resume_after_first_cut(tmp_path, kind):
+@pytest.mark.parametrize("kind, mode", [("qwen2_moe", "width"), ("switch", "width"), ("mixtral", "both")])
+def test_resume_after_first_cut(tmp_path, kind, mode):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    model, cb = fit(tmp_path, kind, epochs=3, callbacks=[ckpt])
+    model, cb = fit(tmp_path, kind, epochs=3, callbacks=[ckpt], moe=mode)
     first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
-    resumed, cb2 = fit(tmp_path / "resume", kind, epochs=3, ckpt_path=str(first))
+    resumed, cb2 = fit(tmp_path / "resume", kind, epochs=3, ckpt_path=str(first), moe=mode)
     assert [e["cuts"] for e in cb2.history] == [e["cuts"] for e in cb.history]
     assert resumed.losses == pytest.approx(model.losses[len(model.losses) - len(resumed.losses):], rel=1e-4)
     assert expert_widths(resumed) == expert_widths(model)

@@ -96,6 +96,15 @@ class RouterGroup(ExpertGroup):
         self.router, self.mass = router, mass
 
 
+def not_roots(model: nn.Module, experts: Sequence[Experts]) -> list[nn.Module]:
+    """Layers torch-pruning's own groups must not start from: the experts' own layers and their routers.
+
+    A router's outputs are expert scores: a plain cut of them would silently disconnect experts.
+    """
+    routers = [whole.router_of(model, e.name, e.num_experts) for e in experts]
+    return [m for e in experts for m in e.layers] + [r[1] for r in routers if r is not None]
+
+
 def check_mode(moe: Any) -> None:
     if moe not in MOE_MODES:
         raise ValueError(f"`moe` must be one of {MOE_MODES}, got {moe!r}.")

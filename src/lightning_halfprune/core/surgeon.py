@@ -147,7 +147,7 @@ class Surgeon:
         # q/k/v are never roots of the graph's own groups: heads are cut by attention.py, and searching groups
         # from them through rotary embeddings is what made torch-pruning hang on Llama
         experts = moe.find_experts(self.model)  # routed experts: cut by moe.py, never roots of the graph's groups
-        not_roots = ignored + [m for s in specs for m in s.inputs] + [m for e in experts for m in e.layers]
+        not_roots = ignored + [m for s in specs for m in s.inputs] + moe.not_roots(self.model, experts)
         outputs = {s.o for s in specs}
         roots = ROOT_TYPES + tuple(layers.customized_pruners(self.model))
         holders = shared_parameter_holders(self.model)
