@@ -24,9 +24,10 @@ from moe_models import MoEWrapper, SwitchMoE  # noqa: E402
 from transformer_models import loader  # noqa: E402
 
 
-def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, **halfprune):
+def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, moe_mode="width", **halfprune):
     model = MoEWrapper(kind)
-    cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False, **halfprune)
+    cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, timing=None, verbose=False, **halfprune)
+    cb.moe = moe_mode  # read by fit/planning.build_surgeon; HalfPrune takes no `moe=` argument yet (lead's call)
     trainer = pl.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
         enable_checkpointing=bool(callbacks), callbacks=[cb, *callbacks], enable_progress_bar=False,
@@ -85,9 +86,9 @@ def test_fit_halves_moe_and_reloads(tmp_path, kind):
 @pytest.mark.parametrize("kind, mode", [("qwen2_moe", "width"), ("switch", "width"), ("mixtral", "both")])
 def test_resume_after_first_cut(tmp_path, kind, mode):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    model, cb = fit(tmp_path, kind, epochs=3, callbacks=[ckpt], moe=mode)
+    model, cb = fit(tmp_path, kind, epochs=3, callbacks=[ckpt], moe_mode=mode)
     first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
-    resumed, cb2 = fit(tmp_path / "resume", kind, epochs=3, ckpt_path=str(first), moe=mode)
+    resumed, cb2 = fit(tmp_path / "resume", kind, epochs=3, ckpt_path=str(first), moe_mode=mode)
     assert [e["cuts"] for e in cb2.history] == [e["cuts"] for e in cb.history]
     assert resumed.losses == pytest.approx(model.losses[len(model.losses) - len(resumed.losses):], rel=1e-4)
     assert expert_widths(resumed) == expert_widths(model)
@@ -178,7 +179,7 @@ def test_pruned_moe_saves_and_reloads_with_from_pretrained(tmp_path, kind):
 
 def test_whole_experts_go_with_their_router_rows_and_reload(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    model, cb = fit(tmp_path, "qwen3_moe", callbacks=[ckpt], moe="experts")
+    model, cb = fit(tmp_path, "qwen3_moe", callbacks=[ckpt], moe_mode="experts")
     block = model.net.model.layers[0].mlp
     assert block.experts.gate_up_proj.shape == (2, 128, 64) and block.gate.weight.shape == (2, 64)
     assert block.experts.num_experts == block.gate.num_experts == model.net.config.num_experts == 2

@@ -25,8 +25,6 @@ from lightning_halfprune.core.attention import check_mode as check_attention_mod
 from lightning_halfprune.core.graph import resolve_ignored
 from lightning_halfprune.core.latency import SideBySide, SpeedUp
 from lightning_halfprune.core.measure import MacCounter, count_params, layer_widths
-from lightning_halfprune.core.moe import MoEMode
-from lightning_halfprune.core.moe import check_mode as check_moe_mode
 from lightning_halfprune.core.plan import Cut
 from lightning_halfprune.core.preflight import cut_safely, note_kept_embeddings, preflight
 from lightning_halfprune.core.scoring import Scorer, get_scorer
@@ -71,8 +69,6 @@ class HalfPrune(Callback):
             offsets of the head dimension in every head, ``"both"`` some of each, ``"none"`` leaves them alone.
         prune_hidden_size: also cut the residual stream (embedding width) of models with attention, together
             with everything that reads it; by default only heads and MLP widths are cut.
-        moe: mixture-of-experts blocks: ``"width"`` cuts every expert's MLP width, ``"experts"`` removes whole
-            experts with their router rows (fused experts), ``"both"`` some of each, ``"none"`` leaves them alone.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
             it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
             With several validation dataloaders: Lightning's name (``"val_acc/dataloader_idx_1"``), or the plain
@@ -118,7 +114,6 @@ class HalfPrune(Callback):
         example_input: Any = None,
         reset_best_on_cut: bool = True,
         verbose: bool = True,
-        moe: MoEMode = "width",
         **flat: Any,
     ) -> None:
         groups = options.from_flat(
@@ -130,8 +125,6 @@ class HalfPrune(Callback):
         self.scorer_name = scorer if isinstance(scorer, str) else type(scorer).__name__
         check_target(target)
         check_attention_mode(attention)
-        check_moe_mode(moe)
-        self.moe = moe
         options.check_int("round_to", round_to, minimum=1, optional=True)
         options.check_ratio("max_layer_ratio", max_layer_ratio)
         options.check_choice("mode", mode, ("max", "min"))

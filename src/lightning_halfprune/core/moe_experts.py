@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_halfprune.core import layers
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core.errors import SurgeryError
 
 _ROUTERS = ("gate", "router")
@@ -95,7 +95,7 @@ def remove(model: nn.Module, router_name: str, drop: Sequence[int], experts: nn.
     for module in (experts, router):
         for pname, p in list(module._parameters.items()):
             if p is not None and p.dim() >= 1 and p.shape[0] == width:  # expert tensors, router rows and biases
-                setattr(module, pname, layers.LINEAR._prune_parameter_and_grad(p, keep, 0))
+                setattr(module, pname, tpc.prune_parameter(p, keep, 0))
         for bname, b in list(module._buffers.items()):
             if b is not None and b.dim() >= 1 and b.shape[0] == width:  # e.g. a per-expert score correction bias
                 module._buffers[bname] = b.index_select(0, torch.tensor(keep, device=b.device))
