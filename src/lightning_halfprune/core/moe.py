@@ -17,6 +17,9 @@ A cut is recorded like any other, ``Cut(experts_module_name, channels)`` with ch
 path. The router (hidden -> E) and the residual stream are untouched; shared experts (plain MLPs) are cut by the
 ordinary graph path. Channels are ranked by the L2 norm of their weights (gate and up rows, down column): the
 configured scorer reads torch-pruning groups, which experts do not have.
+
+The Surgeon's ``moe_mode`` chooses what goes: ``"width"`` (the above), ``"experts"`` (whole experts of fused blocks
+with their router rows, ``moe_experts.py``), ``"both"`` (each by the square root of the kept fraction), ``"none"``.
 """
 
 from __future__ import annotations
@@ -312,11 +315,11 @@ def _alignment(experts: Experts) -> int:
     """Widths a fused experts tensor must keep a multiple of.
 
     ``torch._grouped_mm`` (transformers' default ``grouped_mm`` experts implementation) needs rows of a multiple of
-    16 bytes (4 float32, 8 bfloat16 values).
+    16 bytes: 8 values, so that a model pruned in float32 still runs in bfloat16 (16 for 1-byte types).
     """
     if not experts.fused:
         return 1
-    return max(1, 16 // experts.module.down_proj.element_size())
+    return max(8, 16 // experts.module.down_proj.element_size())
 
 
 # ------------------------------------------------------------------ cutting
