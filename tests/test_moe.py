@@ -50,12 +50,8 @@ def assert_adam_state_follows(model):
                     assert optimizer.state[p][key].shape == p.shape
 
 
-SLOW = pytest.mark.slow
-
-
-@pytest.mark.parametrize(
-    "kind", [pytest.param("mixtral", marks=SLOW), "qwen2_moe", pytest.param("qwen3_moe", marks=SLOW), "switch"]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "switch"])
 def test_fit_halves_moe_and_reloads(tmp_path, kind):
     original = count_params(MoEWrapper(kind))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -177,6 +173,7 @@ def test_pruned_moe_saves_and_reloads_with_from_pretrained(tmp_path, kind):
         torch.testing.assert_close(reloaded(model.example_input_array).logits, net(model.example_input_array).logits)
 
 
+@pytest.mark.slow
 def test_whole_experts_go_with_their_router_rows_and_reload(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     model, cb = fit(tmp_path, "qwen3_moe", callbacks=[ckpt], moe_mode="experts")
