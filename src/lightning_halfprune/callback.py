@@ -30,7 +30,7 @@ from lightning_halfprune.core.preflight import cut_safely, note_kept_embeddings,
 from lightning_halfprune.core.scoring import Scorer, get_scorer
 from lightning_halfprune.core.surgeon import Surgeon
 from lightning_halfprune.core.target import Aim, Target, Targeter, check_target
-from lightning_halfprune.fit import averaging, best, checks, compiled, planning, retry
+from lightning_halfprune.fit import averaging, best, checks, compiled, planning, retry, sharded
 from lightning_halfprune.fit import monitor as monitor_
 from lightning_halfprune.fit.distill import Distiller
 from lightning_halfprune.fit.distributed import check_strategy, from_rank_zero
@@ -179,6 +179,7 @@ class HalfPrune(Callback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
+        sharded.setup(trainer, pl_module, self)
         if stage == "fit":
             resolve_ignored(pl_module, self.ignored_layers)
         ckpt.restore_shape_before_weights_load(pl_module)
@@ -199,7 +200,7 @@ class HalfPrune(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_fit(trainer, pl_module)
-        with compiled.eager():  # HalfPrune's own forward passes never compile
+        with compiled.eager(), sharded.full_model(trainer, pl_module, lambda: self.surgeon):  # own passes: eager
             self._prepare(trainer, pl_module)
         self._catch_up(trainer, pl_module)
         if self._distiller is not None and self.history and self._last_point_passed(trainer):
@@ -302,7 +303,7 @@ class HalfPrune(Callback):
             self._prune_if_scheduled(trainer, pl_module, max(missed))
 
     def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
-        with compiled.eager():  # a compiled model runs uncompiled here: hooks fire, nothing compiles
+        with compiled.eager(), sharded.full_model(trainer, pl_module, lambda: self.surgeon):  # eager, full
             self._prune_point(trainer, pl_module, point)
 
     def _prune_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:

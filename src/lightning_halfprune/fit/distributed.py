@@ -13,15 +13,45 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
+_SUPPORTED = (
+    "HalfPrune supports a single device, DDP (ddp, ddp_spawn, ddp_fork; across nodes too) and FSDP2 through "
+    "`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` in `configure_model` "
+    "(see the README, 'Sharded training')"
+)
+
 
 def check_strategy(strategy: Strategy) -> None:
     """Refuse, before training, strategies whose parameters HalfPrune cannot cut consistently."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy):
+        tensor_parallel = _tensor_parallel_size(strategy)
+        if tensor_parallel != 1:
+            raise ValueError(
+                f"{_SUPPORTED}, not {name} with tensor_parallel_size={tensor_parallel}: tensor-parallel layers "
+                "hold column/row slices that a channel cut would silently corrupt. Set `tensor_parallel_size=1` "
+                "and `data_parallel_size` to the number of processes (the default 'auto' is tensor parallel)."
+            )
+        return
+    if "FSDP" in name or "FullyShardedDataParallel" in name:
+        raise ValueError(
+            f"{_SUPPORTED}, not {name} (FSDP1, flat parameters): switch to `ModelParallelStrategy` and call "
+            "`torch.distributed.fsdp.fully_shard` on each layer in `configure_model`."
+        )
     if "DeepSpeed" in name or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
-            f"HalfPrune supports a single device and DDP (ddp, ddp_spawn, ddp_fork; across nodes too), not strategy "
-            f"{name}: its parameters are sharded or wrapped in ways a channel cut would silently corrupt."
+            f"{_SUPPORTED}, not strategy {name} (DeepSpeed, pipeline parallelism and other sharded or wrapped "
+            "strategies): its parameters are sharded or wrapped in ways a channel cut would silently corrupt."
         )
+
+
+def _tensor_parallel_size(strategy: Strategy) -> int | str:
+    """The tensor-parallel degree: from the device mesh once it exists, else as configured ('auto': all devices)."""
+    mesh = getattr(strategy, "_device_mesh", None)
+    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
+        return mesh["tensor_parallel"].size()
+    return strategy._tensor_parallel_size
 
 
 def agreed(strategy: Strategy, scorer: Callable[[Any], torch.Tensor | None]) -> Callable[[Any], torch.Tensor | None]:
