@@ -73,10 +73,16 @@ def record_layout(model: nn.Module) -> Layout:
     return Layout(calls, unsharded)
 
 
-def _arguments(state: Any, model: nn.Module) -> dict[str, Any]:
+def _groups(state: Any) -> list[Any]:
+    """The parameter groups of one ``fully_shard`` call (one list in newer torch, one group or none before)."""
     groups = list(getattr(state, "_fsdp_param_groups", None) or [])
     if not groups and getattr(state, "_fsdp_param_group", None) is not None:
         groups = [state._fsdp_param_group]
+    return groups
+
+
+def _arguments(state: Any, model: nn.Module) -> dict[str, Any]:
+    groups = _groups(state)
     kwargs: dict[str, Any] = {"mp_policy": state._mp_policy}
     if not groups:  # a call over modules without parameters of their own: only the mesh matters, set later
         return kwargs
@@ -116,6 +122,16 @@ def strip_fsdp(layout: Layout) -> None:
         state = call.state
         for handle in {id(h): h for h in (state._pre_forward_hook_handle, state._post_forward_hook_handle)}.values():
             handle.remove()
+        for group in _groups(state):  # the state-dict hooks: they would put the old shards back on a save or load
+            for param in group.fsdp_params:
+                param._post_load_hook_handle.remove()
+            for handles in (
+                group._module_to_pre_save_state_dict_hook_handle,
+                group._module_to_pre_load_state_dict_hook_handle,
+            ):
+                for handle in handles.values():
+                    handle.remove()
+                handles.clear()
         for module in call.modules:
             states = module.__dict__.get(STATE_KEY, {})
             for key in [k for k, v in states.items() if v is state]:

@@ -216,11 +216,23 @@ def _restoring_shape_first(strategy: Any, original: Callable[..., Any]) -> Calla
         module = strategy.lightning_module
         source = shape_source(strategy.broadcast(checkpoint_path), kwargs.get("weights_only"))
         if source is not None and source.get(ckpt.KEY):
-            with full_model(module._trainer, module):
-                ckpt.restore_shape(module, source)
+            trainer = module._trainer
+            with full_model(trainer, module):
+                names = {id(p): name for name, p in module.named_parameters()}
+                if ckpt.restore_shape(module, source):
+                    _follow_names(trainer.optimizers, module, names)
         return original(checkpoint_path, *args, **kwargs)
 
     return load_checkpoint
+
+
+def _follow_names(optimizers: list[torch.optim.Optimizer], module: nn.Module, names: dict[int, str]) -> None:
+    """Point the (fresh) optimizers at the parameters now under the names they had; the checkpoint fills their state."""
+    params = dict(module.named_parameters())
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [params[names[id(p)]] for p in group["params"]]
+        optimizer.state.clear()
 
 
 def shape_source(path: Any, weights_only: bool | None = None) -> dict[str, Any] | None:
