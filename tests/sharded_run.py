@@ -7,7 +7,7 @@ import sys
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -44,13 +44,49 @@ class ShardedLlama(Wrapper):
         self.log("val_acc", -self.loss(batch))  # higher is better, like the CNN's accuracy
 
 
-def full_state(pl_module):
+class CPUFSDP(FSDPStrategy):
+    """FSDP1 on CPU (Lightning refuses ``strategy="fsdp"`` without a GPU): each residual block wrapped on its own."""
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from models import Block
+
+        return FullyShardedDataParallel(
+            model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({Block})
+        )
+
+
+def full_state(trainer, pl_module):
     """Every parameter and buffer as a full tensor (gathered from the shards; a collective on every rank)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
+    if isinstance(trainer.strategy, FSDPStrategy):
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+            return {
+                k.replace("_fsdp_wrapped_module.", ""): v.detach().clone() for k, v in pl_module.state_dict().items()
+            }
     return {
         k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in pl_module.state_dict().items()
     }
+
+
+def is_sharded(trainer, pl_module):
+    """Parameters and optimizer state sharded again: DTensors (FSDP2) or flat shards under an FSDP wrapper (FSDP1)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        wrapped = isinstance(trainer.strategy.model, FullyShardedDataParallel)
+        local = sum(p.numel() for p in pl_module.parameters())
+        state = trainer.optimizers[0].state
+        local_params = [p for p in pl_module.parameters() if p.numel()]  # a rank holds no piece of some parameters
+        carried = bool(local_params) and all(len(state.get(p, {})) for p in local_params)
+        return wrapped and local < sum(p.numel() for p in full_state(trainer, pl_module).values()), carried
+    states = [v for s in trainer.optimizers[0].state.values() for k, v in s.items() if k != "step"]
+    return all(isinstance(p, DTensor) for p in pl_module.parameters()), all(isinstance(v, DTensor) for v in states)
 
 
 class Dump(pl.Callback):
@@ -66,20 +102,14 @@ class Dump(pl.Callback):
         self._save(trainer, pl_module, "end")
 
     def _save(self, trainer, pl_module, tag):
-        from torch.distributed.tensor import DTensor
-
+        params, optimizer = is_sharded(trainer, pl_module)
         torch.save(
             {
-                "state": full_state(pl_module),
-                "reports": [r.to_dict() for r in trainer.callbacks[0].reports],
+                "state": full_state(trainer, pl_module),
+                "reports": [r.to_dict() for r in getattr(trainer.callbacks[0], "reports", [])],
                 "losses": list(pl_module.losses),
-                "sharded": all(isinstance(p, DTensor) for p in pl_module.parameters()),
-                "optimizer_sharded": all(
-                    isinstance(v, DTensor)
-                    for s in trainer.optimizers[0].state.values()
-                    for k, v in s.items()
-                    if k != "step"
-                ),
+                "sharded": params,
+                "optimizer_sharded": optimizer,
             },
             os.path.join(self.out, f"{tag}-rank{trainer.global_rank}.pt"),
         )
@@ -91,7 +121,13 @@ if __name__ == "__main__":
     epochs = int(os.environ.get("HALFPRUNE_EPOCHS", "3"))
     os.makedirs(out, exist_ok=True)
     pl.seed_everything(0)
-    if kind == "cnn":
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if kind == "cnn-fsdp1":
+        model = Classifier("resnet", optimizer="adamw", lr=0.01)
+        strategy = CPUFSDP()
+        train, val = loaders(n=128)
+        train = torch.utils.data.DataLoader(train.dataset, batch_size=16, shuffle=False)
+    elif kind == "cnn":
         model = ShardedCNN("resnet", optimizer="adamw", lr=0.01)
         train, val = loaders(n=128)
         train = torch.utils.data.DataLoader(train.dataset, batch_size=16, shuffle=False)
@@ -102,10 +138,12 @@ if __name__ == "__main__":
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=strategy,
         max_epochs=epochs,
         callbacks=[
-            HalfPrune(
+            pl.Callback()
+            if os.environ.get("HALFPRUNE_OFF")
+            else HalfPrune(
                 {0: 0.25, 1: 0.5},
                 scorer=os.environ.get("HALFPRUNE_SCORER", "taylor"),
                 scoring_batches=2,
@@ -113,8 +151,9 @@ if __name__ == "__main__":
                 monitor="val_acc",
             ),
             Dump(out),
-            checkpoints,
-        ],
+        ]
+        + ([] if kind == "cnn-fsdp1" else [checkpoints]),  # FSDP1 on CPU segfaults saving a full state dict
+        enable_checkpointing=kind != "cnn-fsdp1",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -108,6 +108,21 @@ def test_llama_gqa_sharded_per_decoder_layer_cut_twice(tmp_path):
     assert sum(end["losses"][-4:]) < sum(end["losses"][:4])
 
 
+@pytest.mark.slow
+def test_fsdp1_with_orig_params_cut_twice_every_rank_identical_and_wrapped_again(tmp_path):
+    from models import Classifier
+
+    run(tmp_path, "cnn-fsdp1")  # a CPU subclass of FSDPStrategy: each residual block its own FSDP unit
+    names = {name for name, _ in Classifier("resnet").named_parameters()}
+    for tag in ("epoch0", "epoch1", "end"):
+        a, b = load(tmp_path, tag, 0), load(tmp_path, tag, 1)
+        assert all(torch.equal(v, b["state"][k]) for k, v in a["state"].items() if k in names), tag
+        assert a["sharded"] and a["optimizer_sharded"], tag  # flat shards again, AdamW state for every parameter
+    end = load(tmp_path, "end", 0)
+    assert end["state"]["net.blocks.0.conv1.weight"].shape[0] == 8 and len(end["reports"]) == 2
+    assert sum(end["losses"][-4:]) < sum(end["losses"][:4])
+
+
 # ------------------------------------------------------------------ in one process
 @pytest.fixture
 def one_rank_group():
@@ -156,7 +171,10 @@ def test_full_view_takes_fsdp_off_and_puts_it_back_the_same_way(one_rank_group):
     assert model[2]._get_fsdp_state()._mp_policy == policy
     assert model[0]._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None  # reshard_after_forward=False
     assert all(torch.equal(v.full_tensor(), before[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(optimizer.state[p]["exp_avg"].full_tensor(), m) for p, m in zip(model.parameters(), moments))
+    assert all(
+        torch.equal(optimizer.state[p]["exp_avg"].full_tensor(), m)
+        for p, m in zip(model.parameters(), moments, strict=True)
+    )
     model(torch.randn(3, 4)).sum().backward()  # it trains on as before
     optimizer.step()
 
@@ -176,8 +194,9 @@ def test_supported_and_refused_strategies():
         check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
     with pytest.raises(ValueError, match="tensor_parallel_size=auto"):
         check_strategy(ModelParallelStrategy())  # 'auto' makes every device tensor parallel
-    with pytest.raises(ValueError, match="not FSDPStrategy.*ModelParallelStrategy"):
-        check_strategy(FSDPStrategy())
+    check_strategy(FSDPStrategy())  # FSDP1 with use_orig_params=True (Lightning's default)
+    with pytest.raises(ValueError, match="not FSDPStrategy with `use_orig_params=False`.*ModelParallelStrategy"):
+        check_strategy(FSDPStrategy(use_orig_params=False))
 
     class PipelineStrategy(ParallelStrategy):  # stands for any other parallel strategy (none is built in)
         pass

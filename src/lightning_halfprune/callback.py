@@ -244,7 +244,7 @@ class HalfPrune(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.reports:  # the original architecture against the final one, side by side, both uncompiled
-            with compiled.eager():
+            with compiled.eager(), sharded.full_model(trainer, pl_module, lambda: self.surgeon, self._speed.enabled):
                 self.final_speed = self._speed.against_original(pl_module, self.surgeon.example_input)
         publish.fit_summary(trainer, self.reports, self.metric.last(trainer), self.verbose, self.final_speed)
         self.compiles.stop()

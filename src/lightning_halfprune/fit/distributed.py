@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 
 _SUPPORTED = (
     "HalfPrune supports a single device, DDP (ddp, ddp_spawn, ddp_fork; across nodes too) and FSDP2 through "
     "`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` in `configure_model` "
-    "(see the README, 'Sharded training')"
+    "(or FSDP1 via `FSDPStrategy(use_orig_params=True)`; see the README, 'Sharded training')"
 )
 
 
@@ -34,10 +34,13 @@ def check_strategy(strategy: Strategy) -> None:
                 "and `data_parallel_size` to the number of processes (the default 'auto' is tensor parallel)."
             )
         return
+    if isinstance(strategy, FSDPStrategy) and strategy.kwargs.get("use_orig_params", True):
+        return  # FSDP1 with the module's own parameters (Lightning's default): see fit/sharded_fsdp1.py
     if "FSDP" in name or "FullyShardedDataParallel" in name:
         raise ValueError(
-            f"{_SUPPORTED}, not {name} (FSDP1, flat parameters): switch to `ModelParallelStrategy` and call "
-            "`torch.distributed.fsdp.fully_shard` on each layer in `configure_model`."
+            f"{_SUPPORTED}, not {name} with `use_orig_params=False` (flat parameters a cut cannot follow): "
+            "switch to `ModelParallelStrategy` and call `torch.distributed.fsdp.fully_shard` on each layer in "
+            "`configure_model` (or keep FSDPStrategy with `use_orig_params=True`)."
         )
     if "DeepSpeed" in name or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_halfprune.fit import sharded_fsdp1
 from lightning_halfprune.fit.shard_state import (
     FSDP2_MISSING,
     Layout,
@@ -59,16 +60,29 @@ def is_sharded(module: nn.Module) -> bool:
 
 @contextmanager
 def full_model(
-    trainer: pl.Trainer | None, module: nn.Module, surgeon: Callable[[], Any] | None = None
+    trainer: pl.Trainer | None, module: nn.Module, surgeon: Callable[[], Any] | None = None, when: bool = True
 ) -> Iterator[nn.Module]:
     """The module with full, plain parameters on every rank for the length of the block, sharded again after.
 
     Does nothing for a module not sharded with ``fully_shard`` (single device, DDP), and inside another such
     block. ``trainer``'s optimizers (if any) follow the parameters both ways, state included. ``surgeon``
     returns the Surgeon (or None) whose graph is dropped on leaving: it holds the full tensors otherwise.
-    On an error inside the block the module is sharded again all the same, as it then is.
+    On an error inside the block the module is sharded again all the same, as it then is. ``when=False``: nothing
+    happens (for a caller whose block may have nothing to do, e.g. latency timing turned off).
     """
-    if getattr(module, _ACTIVE, False) or not is_sharded(module):
+    if not when or getattr(module, _ACTIVE, False):
+        yield module
+        return
+    if sharded_fsdp1.uses_fsdp1(getattr(trainer, "strategy", None)):
+        setattr(module, _ACTIVE, True)
+        try:
+            with sharded_fsdp1.full_model(trainer, module):
+                yield module
+        finally:
+            module.__dict__.pop(_ACTIVE, None)
+            _forget(surgeon)
+        return
+    if not is_sharded(module):
         yield module
         return
     if FSDP2_MISSING:
@@ -83,11 +97,16 @@ def full_model(
         yield module
     finally:
         module.__dict__.pop(_ACTIVE, None)
-        found = surgeon() if surgeon is not None else None
-        if found is not None:  # the torch-pruning graph keeps the full parameters alive otherwise
-            found._graph, found._groups, found._signature = None, None, ()
+        _forget(surgeon)
         _shard(module, layout, optimizers)
         gc.collect()
+
+
+def _forget(surgeon: Callable[[], Any] | None) -> None:
+    """Drop the Surgeon's torch-pruning graph: it keeps the full parameters alive otherwise."""
+    found = surgeon() if surgeon is not None else None
+    if found is not None:
+        found._graph, found._groups, found._signature = None, None, ()
 
 
 def _holders(module: nn.Module) -> dict[int, _Holder]:
@@ -178,19 +197,19 @@ def _move_optimizers(
 
 # ---------------------------------------------------------------------------- setup: checks and resuming
 def setup(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: Any) -> None:
-    """Under ``ModelParallelStrategy``: refuse what does not work sharded yet, and rebuild the pruned shape on resume.
+    """Sharded (``ModelParallelStrategy``, ``FSDPStrategy``): refuse what does not work yet, rebuild shapes on resume.
 
     Called from ``HalfPrune.setup`` (before ``configure_model`` shards the module). Lightning loads a sharded
     checkpoint straight into the sharded module and optimizers, before any hook could cut the module to the
     checkpoint's shape; so the strategy's ``load_checkpoint`` is wrapped (on this strategy instance only) to
     replay the recorded cuts on a full view first.
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from lightning_halfprune.fit import averaging
 
     strategy = trainer.strategy
-    if not isinstance(strategy, ModelParallelStrategy):
+    if not isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
         return
     unsupported = {
         "`max_drop` (the accuracy guard's rollback)": getattr(callback, "guard", None) is not None,
@@ -201,7 +220,7 @@ def setup(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: Any) -> 
     refused = [name for name, used in unsupported.items() if used]
     if refused:
         raise ValueError(
-            f"HalfPrune under {type(strategy).__name__} (FSDP2) does not support {', '.join(refused)} yet: turn "
+            f"HalfPrune under {type(strategy).__name__} (sharded) does not support {', '.join(refused)} yet: turn "
             f"{'it' if len(refused) == 1 else 'them'} off, or train with DDP or on one device. "
             "See the README, 'Sharded training'."
         )
