@@ -106,7 +106,7 @@ def main(mode: str, out: str | None) -> None:
     marks: dict = {"mode": mode}
     callbacks = [Probe("peak_before_cut_mib", marks)]
     if mode == "halfprune":
-        callbacks.append(HalfPrune({0: 0.25}, scorer="l2", latency_batch_size=0, verbose=False))
+        callbacks.append(HalfPrune({0: 0.25}, scorer="l2", timing=None, verbose=False))
     callbacks.append(Probe("peak_after_cut_mib", marks))
     data = TensorDataset(torch.randint(1, VOCAB, (32, SEQ), generator=torch.Generator().manual_seed(0)))
     trainer = pl.Trainer(

@@ -12,6 +12,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
 from lightning_halfprune import HalfPrune  # noqa: E402
+from lightning_halfprune.options import Calibration  # noqa: E402
 from models import Classifier, loaders  # noqa: E402
 from transformer_models import Wrapper, loader  # noqa: E402
 
@@ -146,8 +147,8 @@ if __name__ == "__main__":
             else HalfPrune(
                 {0: 0.25, 1: 0.5},
                 scorer=os.environ.get("HALFPRUNE_SCORER", "taylor"),
-                scoring_batches=2,
-                latency_batch_size=0,
+                calibration=Calibration(batches=2),
+                timing=None,
                 monitor="val_acc",
             ),
             Dump(out),

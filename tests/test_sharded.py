@@ -15,6 +15,7 @@ from torch import nn
 from lightning_halfprune import HalfPrune, load_pruned
 from lightning_halfprune.fit import sharded
 from lightning_halfprune.fit.distributed import check_strategy
+from lightning_halfprune.options import Distill, Guard, Sparsity
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
 
@@ -209,9 +210,9 @@ def test_supported_and_refused_strategies():
 @pytest.mark.parametrize(
     "options, refused",
     [
-        ({"monitor": "val_acc", "max_drop": 0.1}, "max_drop"),
-        ({"regularization": 1e-4}, "regularization"),
-        ({"distill_alpha": 1.0}, "distill_alpha"),
+        ({"monitor": "val_acc", "guard": Guard(max_drop=0.1)}, "guard"),
+        ({"sparsity": Sparsity(strength=1e-4)}, "sparsity"),
+        ({"distill": Distill(alpha=1.0)}, "distill"),
     ],
 )
 def test_options_not_yet_supported_sharded_are_refused_at_setup(tmp_path, options, refused):

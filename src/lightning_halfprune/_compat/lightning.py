@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.core import saving
 from lightning.pytorch.core.module import _jit_is_scripting
 
@@ -38,3 +39,19 @@ def set_load_state(fn: Any) -> None:
 def instantiate_trainer(cli_class: type, cli: Any, config: dict, callbacks: list) -> Any:
     """``LightningCLI._instantiate_trainer`` of the parent class ``cli_class``."""
     return super(cli_class, cli)._instantiate_trainer(config, callbacks)
+
+
+DISTRIBUTED_CHECKPOINT_METADATA = _METADATA_FILENAME  # the file in a distributed checkpoint folder with the rest
+
+
+def wrap_fsdp(strategy: Any, module: Any) -> Any:
+    """``FSDPStrategy._setup_model``: the LightningModule wrapped as at setup (auto-wrap policy and all)."""
+    return strategy._setup_model(module)
+
+
+def tensor_parallel_size(strategy: Any) -> Any:
+    """A ``ModelParallelStrategy``'s tensor-parallel degree: from its device mesh once built, else as configured."""
+    mesh = strategy._device_mesh
+    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
+        return mesh["tensor_parallel"].size()
+    return strategy._tensor_parallel_size

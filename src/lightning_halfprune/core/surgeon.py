@@ -117,6 +117,10 @@ class Surgeon:
             self._signature = signature(self.model)
         return self._graph
 
+    def forget_graph(self) -> None:
+        """Drop the graph and groups (rebuilt on next use): they hold the parameters, e.g. full ones now sharded."""
+        self._graph, self._groups, self._signature = None, None, ()
+
     def _build_graph(self) -> tp.DependencyGraph:
         self.graph_builds += 1
         with graph_safe(self.model), attn.without_kv_cache(self.model):

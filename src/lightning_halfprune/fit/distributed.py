@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 
+from lightning_halfprune._compat.lightning import tensor_parallel_size
+
 _SUPPORTED = (
     "HalfPrune supports a single device, DDP (ddp, ddp_spawn, ddp_fork; across nodes too) and FSDP2 through "
     "`ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with `fully_shard` in `configure_model` "
@@ -26,7 +28,7 @@ def check_strategy(strategy: Strategy) -> None:
 
     name = type(strategy).__name__
     if isinstance(strategy, ModelParallelStrategy):
-        tensor_parallel = _tensor_parallel_size(strategy)
+        tensor_parallel = tensor_parallel_size(strategy)
         if tensor_parallel != 1:
             raise ValueError(
                 f"{_SUPPORTED}, not {name} with tensor_parallel_size={tensor_parallel}: tensor-parallel layers "
@@ -47,14 +49,6 @@ def check_strategy(strategy: Strategy) -> None:
             f"{_SUPPORTED}, not strategy {name} (DeepSpeed, pipeline parallelism and other sharded or wrapped "
             "strategies): its parameters are sharded or wrapped in ways a channel cut would silently corrupt."
         )
-
-
-def _tensor_parallel_size(strategy: Strategy) -> int | str:
-    """The tensor-parallel degree: from the device mesh once it exists, else as configured ('auto': all devices)."""
-    mesh = getattr(strategy, "_device_mesh", None)
-    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
-        return mesh["tensor_parallel"].size()
-    return strategy._tensor_parallel_size
 
 
 def agreed(strategy: Strategy, scorer: Callable[[Any], torch.Tensor | None]) -> Callable[[Any], torch.Tensor | None]:

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_halfprune._compat.lightning import DISTRIBUTED_CHECKPOINT_METADATA, trainer_of
 from lightning_halfprune.fit import sharded_fsdp1
 from lightning_halfprune.fit.shard_state import (
     FSDP2_MISSING,
@@ -106,7 +107,7 @@ def _forget(surgeon: Callable[[], Any] | None) -> None:
     """Drop the Surgeon's torch-pruning graph: it keeps the full parameters alive otherwise."""
     found = surgeon() if surgeon is not None else None
     if found is not None:
-        found._graph, found._groups, found._signature = None, None, ()
+        found.forget_graph()
 
 
 def _holders(module: nn.Module) -> dict[int, _Holder]:
@@ -211,10 +212,11 @@ def setup(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: Any) -> 
     strategy = trainer.strategy
     if not isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
         return
+    chosen = callback.options
     unsupported = {
-        "`max_drop` (the accuracy guard's rollback)": getattr(callback, "guard", None) is not None,
-        "`regularization`": bool(getattr(callback, "regularization", 0.0)),
-        "`distill_alpha` (distillation)": getattr(callback, "_distiller", None) is not None,
+        "`guard` (the accuracy guard's rollback)": chosen.guard is not None,
+        "`sparsity` (regularization)": chosen.sparsity is not None,
+        "`distill` (distillation)": chosen.distill is not None,
         "EMA/SWA weight averaging": bool(averaging.averaged_copies(trainer)),
     }
     refused = [name for name, used in unsupported.items() if used]
@@ -235,7 +237,7 @@ def _restoring_shape_first(strategy: Any, original: Callable[..., Any]) -> Calla
         module = strategy.lightning_module
         source = shape_source(strategy.broadcast(checkpoint_path), kwargs.get("weights_only"))
         if source is not None and source.get(ckpt.KEY):
-            trainer = module._trainer
+            trainer = trainer_of(module)
             with full_model(trainer, module):
                 names = {id(p): name for name, p in module.named_parameters()}
                 if ckpt.restore_shape(module, source):
@@ -262,15 +264,13 @@ def shape_source(path: Any, weights_only: bool | None = None) -> dict[str, Any] 
     """
     from pathlib import Path
 
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
-
     path = Path(path)
     safe = weights_only is not False
     if not path.is_dir():
         return torch.load(path, map_location="cpu", mmap=True, weights_only=safe)
     from torch.distributed.checkpoint import FileSystemReader
 
-    meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=safe)
+    meta = torch.load(path / DISTRIBUTED_CHECKPOINT_METADATA, map_location="cpu", weights_only=safe)
     shapes = {}
     for key, item in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
         if key.startswith("state_dict.") and hasattr(item, "size"):

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_halfprune._compat.lightning import wrap_fsdp
+
 _PREFIX = "_fsdp_wrapped_module."
 
 
@@ -117,7 +119,7 @@ def _wrap_again(trainer: Any, module: nn.Module, optimizers: list[torch.optim.Op
         ]
         state = {plain[id(p)]: dict(s) for p, s in optimizer.state.items()}
         saved.append({"state": state, "param_groups": groups})
-    strategy.model = strategy._setup_model(module)
+    strategy.model = wrap_fsdp(strategy, module)
     params = {clean(name): p for name, p in module.named_parameters()}
     for optimizer, osd in zip(optimizers, saved, strict=True):
         for group, g in zip(optimizer.param_groups, osd["param_groups"], strict=True):
