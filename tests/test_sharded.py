@@ -77,6 +77,17 @@ def test_consolidated_checkpoint_loads_with_load_pruned(cnn_run):
 
 
 @pytest.mark.slow
+def test_consolidated_checkpoint_resumes_into_the_sharded_model(cnn_run, tmp_path):
+    out, _ = cnn_run
+    run(tmp_path, "cnn", ckpt=out / "consolidated.ckpt")  # written after the fit: restored, nothing left to train
+    trained = load(out, "end", 0)["state"]
+    for rank in (0, 1):
+        restored = load(tmp_path, "end", rank)
+        assert restored["sharded"] and restored["state"]["net.blocks.0.conv1.weight"].shape[0] == 8
+        assert all(torch.equal(v, trained[k]) for k, v in restored["state"].items() if "running" not in k), rank
+
+
+@pytest.mark.slow
 def test_sharded_checkpoint_after_the_first_cut_resumes_exactly(cnn_run, tmp_path):
     from sharded_run import ShardedCNN
 
