@@ -122,7 +122,8 @@ if __name__ == "__main__":
     epochs = int(os.environ.get("HALFPRUNE_EPOCHS", "3"))
     os.makedirs(out, exist_ok=True)
     pl.seed_everything(0)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    devices = int(os.environ.get("HALFPRUNE_DEVICES", "2"))  # 1 with HALFPRUNE_ACCELERATOR=gpu: one GPU, nccl
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     if kind == "cnn-fsdp1":
         model = Classifier("resnet", optimizer="adamw", lr=0.01)
         strategy = CPUFSDP()
@@ -137,8 +138,8 @@ if __name__ == "__main__":
         train = val = loader("llama", n=64, batch_size=8)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=out, save_last=True)
     trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
+        accelerator=os.environ.get("HALFPRUNE_ACCELERATOR", "cpu"),
+        devices=devices,
         strategy=strategy,
         max_epochs=epochs,
         callbacks=[
