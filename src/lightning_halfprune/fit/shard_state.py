@@ -46,9 +46,6 @@ class Layout:
     calls: list[Call]
     unsharded: set[str]
 
-    def modules(self) -> list[nn.Module]:
-        return [m for call in self.calls for m in call.modules]
-
 
 def fsdp_modules(module: nn.Module) -> list[nn.Module]:
     """``module``'s submodules (itself included) that ``fully_shard`` was applied to."""
@@ -68,7 +65,7 @@ def record_layout(model: nn.Module) -> Layout:
             continue
         seen.add(id(state))
         modules = tuple(state._modules)
-        calls.append(Call(modules, tuple(names.get(id(m), "?") for m in modules), _arguments(state, model), state))
+        calls.append(Call(modules, tuple(names.get(id(m), "?") for m in modules), _arguments(state), state))
     unsharded = {name for name, p in model.named_parameters() if not isinstance(p, DTensor)}
     return Layout(calls, unsharded)
 
@@ -81,7 +78,7 @@ def _groups(state: Any) -> list[Any]:
     return groups
 
 
-def _arguments(state: Any, model: nn.Module) -> dict[str, Any]:
+def _arguments(state: Any) -> dict[str, Any]:
     groups = _groups(state)
     kwargs: dict[str, Any] = {"mp_policy": state._mp_policy}
     if not groups:  # a call over modules without parameters of their own: only the mesh matters, set later
@@ -156,7 +153,7 @@ def _plain_class(cls: type) -> type:
     return bases[0]
 
 
-def reshard_layout(layout: Layout, model: nn.Module | None = None) -> None:
+def reshard_layout(layout: Layout) -> None:
     """Make the recorded ``fully_shard`` calls again, innermost first (the order ``fully_shard`` needs)."""
     meshes = [call.kwargs["mesh"] for call in layout.calls if "mesh" in call.kwargs]
     for call in reversed(layout.calls):
