@@ -66,10 +66,11 @@ def full_model(
     """The module with full, plain parameters on every rank for the length of the block, sharded again after.
 
     FSDP2 (``fully_shard``) as described above; under ``FSDPStrategy`` (FSDP1) see ``sharded_fsdp1``. Does nothing
-    for a module that is not sharded (single device, DDP), and inside another such block. ``trainer``'s optimizers (if any) follow the parameters both ways, state included. ``surgeon``
-    returns the Surgeon (or None) whose graph is dropped on leaving: it holds the full tensors otherwise.
-    On an error inside the block the module is sharded again all the same, as it then is. ``when=False``: nothing
-    happens (for a caller whose block may have nothing to do, e.g. latency timing turned off).
+    for a module that is not sharded (single device, DDP), and inside another such block. ``trainer``'s optimizers
+    (if any) follow the parameters both ways, state included. ``surgeon`` returns the Surgeon (or None) whose graph
+    is dropped on leaving: it holds the full tensors otherwise. On an error inside the block the module is sharded
+    again all the same, as it then is. ``when=False``: nothing happens (for a caller whose block may have nothing
+    to do, e.g. latency timing turned off).
     """
     if not when or getattr(module, _ACTIVE, False):
         yield module
