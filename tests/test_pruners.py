@@ -1,5 +1,7 @@
 """Layer families cut like their plain cousins, or left out by name; a cut is checked in training mode too."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -46,3 +48,112 @@ def test_a_fit_leaves_out_what_only_training_mode_breaks_and_cuts_the_rest(tmp_p
         trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
     assert model.net.conv1.out_channels == 8 and model.net.conv2.out_channels < 16
     assert len(model.losses) == 4
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's ``ops.misc.FrozenBatchNorm2d``: a batch norm whose affine weight and statistics are buffers."""
+
+    def __init__(self, n: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n))
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ``ScaledStdConv2d`` (NF-Nets): weight standardisation with a per-output-channel ``gain``."""
+
+    def __init__(self, *args, gamma: float = 1.0, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None,
+            weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=self.eps,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's ``StdConv2d``: weight standardisation, no extra parameter."""
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FrozenResNet(nn.Module):
+    """A ResNet-style backbone with frozen batch norms (torchvision detection backbones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), FrozenBatchNorm2d(16)
+        self.conv1, self.bn1 = nn.Conv2d(16, 12, 3, padding=1, bias=False), FrozenBatchNorm2d(12)
+        self.conv2, self.bn2 = nn.Conv2d(12, 16, 3, padding=1, bias=False), FrozenBatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+class NFNet(nn.Module):
+    """NF-Net style: scaled weight-standardised convs, no norm layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 16, 3, padding=1)
+        self.conv1 = ScaledStdConv2d(16, 12, 3, padding=1)
+        self.conv2 = StdConv2d(12, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        x = x + 0.2 * self.conv2(F.gelu(self.conv1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_frozen_batch_norm_is_cut_like_batch_norm():
+    model, x = FrozenResNet(), torch.randn(2, 3, 8, 8)
+    surgeon = Surgeon(model, x)
+    assert {g.name for g in surgeon.groups()} == {"conv1", "conv2"}  # conv2: the residual stream, stem with it
+    bn1 = {k: v.clone() for k, v in model.bn1.named_buffers()}
+    surgeon.cut([Cut("conv2", [0, 3]), Cut("conv1", [1, 2, 5])])
+    assert model.bn0.weight.shape == model.bn2.running_var.shape == (14,) and model.stem.out_channels == 14
+    keep = [0, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert all(torch.equal(b, bn1[k][keep]) for k, b in model.bn1.named_buffers())
+    assert model(x).shape == (2, 4) and not list(model.bn1.parameters())
+
+
+def test_scaled_std_conv_gain_follows_its_output_channels():
+    model, x = NFNet(), torch.randn(2, 3, 8, 8)
+    surgeon = Surgeon(model, x)
+    gain = model.conv1.gain.detach().clone()
+    surgeon.cut([Cut("stem", [1]), Cut("conv1", [0, 4])])
+    assert model.stem.gain.shape == (15, 1, 1, 1) and model.conv1.gain.shape == (10, 1, 1, 1)
+    assert torch.equal(model.conv1.gain.detach(), gain[[1, 2, 3, 5, 6, 7, 8, 9, 10, 11]])
+    assert model.conv2.in_channels == 10 and model.conv2.out_channels == 15 and model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("net", [FrozenResNet, NFNet])
+def test_frozen_norm_and_std_conv_nets_fit_and_shrink(tmp_path, net):
+    model = Classifier(net())
+    before = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PreflightWarning)  # no group left out
+        trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
+    after = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert after < 0.7 * before and len(model.losses) == 4

@@ -143,7 +143,8 @@ class Surgeon:
         # from them through rotary embeddings is what made torch-pruning hang on Llama
         not_roots = ignored + [m for s in specs for m in s.inputs]
         outputs = {s.o for s in specs}
-        roots = ROOT_TYPES + tuple(layers.customized_pruners(self.model))
+        pruners = layers.customized_pruners(self.model)  # a norm's pruner (is_root False) never roots a group
+        roots = ROOT_TYPES + tuple(t for t, p in pruners.items() if getattr(p, "is_root", True))
         holders = shared_parameter_holders(self.model)
         found = []
         for group in all_groups(graph, self.model, not_roots, roots):
