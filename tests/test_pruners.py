@@ -36,7 +36,7 @@ def test_a_cut_that_breaks_only_the_training_forward_is_undone():
     model, x = AuxNet().eval(), torch.randn(1, 3, 8, 8)  # traced in eval mode: the aux head is not in the graph
     surgeon = Surgeon(model, x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(BrokenForward, match=r"training mode\) failed in layer 'aux'"):
+    with pytest.raises(BrokenForward, match=r"forward in training mode failed in layer 'aux'"):
         surgeon.cut([Cut("conv1", [0, 1])])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not model.training and model.train()(x).shape == (1, 4)
@@ -157,3 +157,71 @@ def test_frozen_norm_and_std_conv_nets_fit_and_shrink(tmp_path, net):
         trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
     after = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     assert after < 0.7 * before and len(model.losses) == 4
+
+
+class Recurrent(nn.Module):
+    """A recurrent classifier over the 8 rows of a 3x8x8 image."""
+
+    def __init__(self, kind: type = nn.LSTM, layers: int = 2, bidirectional: bool = True, **kwargs):
+        super().__init__()
+        self.emb = nn.Linear(3, 10)
+        self.rnn = kind(10, 12, num_layers=layers, bidirectional=bidirectional, batch_first=True, **kwargs)
+        self.fc = nn.Linear((kwargs.get("proj_size") or 12) * (2 if bidirectional else 1), 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.emb(x.mean(3).transpose(1, 2))))
+        return self.fc(out[:, -1])
+
+
+def kill_units(model: Recurrent, units: list[int]) -> None:
+    """Zero every weight of these hidden units: they output 0 forever, and nothing reads them."""
+    rnn, size = model.rnn, model.rnn.hidden_size
+    rows = [g * size + j for g in range(rnn.weight_ih_l0.shape[0] // size) for j in units]
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p[rows] = 0
+        for d in range(2 if rnn.bidirectional else 1):
+            model.fc.weight[:, [d * size + j for j in units]] = 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "layers", "bidirectional"),
+    [(nn.LSTM, 2, True), (nn.GRU, 2, False), (nn.RNN, 1, True), (nn.GRU, 1, True)],
+)
+def test_recurrent_hidden_units_are_cut_with_every_gate(kind, layers, bidirectional):
+    model, x = Recurrent(kind, layers, bidirectional), torch.randn(2, 3, 8, 8)
+    surgeon = Surgeon(model, x)
+    group = next(g for g in surgeon.groups() if g.name == "rnn")
+    directions = 2 if bidirectional else 1
+    assert (group.width, group.slots) == (12 * directions, directions)
+    surgeon.cut([Cut("rnn", [d * 12 + j for d in range(directions) for j in (1, 4, 7)]), Cut("emb", [0, 2])])
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[kind]
+    assert (model.rnn.hidden_size, model.rnn.input_size, model.fc.in_features) == (9, 8, 9 * directions)
+    assert model.rnn.weight_ih_l0.shape == (9 * gates, 8) and model.rnn.weight_hh_l0.shape == (9 * gates, 9)
+    assert model(x).shape == (2, 4) and model.train()(x).shape == (2, 4)
+
+
+def test_recurrent_cut_keeps_the_output_exactly():
+    for kind, layers, bidirectional in [(nn.LSTM, 2, True), (nn.GRU, 2, True), (nn.RNN, 2, False)]:
+        model, x = Recurrent(kind, layers, bidirectional), torch.randn(2, 3, 8, 8)
+        kill_units(model, [1, 4, 7])
+        expected = model(x)
+        directions = 2 if bidirectional else 1
+        Surgeon(model, x).cut([Cut("rnn", [d * 12 + j for d in range(directions) for j in (1, 4, 7)])])
+        assert model.rnn.hidden_size == 9 and model.rnn.weight_hh_l1.shape[1] == 9
+        assert torch.allclose(model(x), expected, atol=1e-6), kind
+
+
+def test_an_lstm_with_projections_is_left_out_by_name(tmp_path):
+    model = Classifier(Recurrent(nn.LSTM, 1, False, proj_size=6))
+    with pytest.warns(PreflightWarning, match=r"(?s)'net\.rnn'.*proj_size=6"):
+        trainer(tmp_path, max_epochs=1, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
+    assert model.net.rnn.hidden_size == 12 and model.net.emb.out_features < 10
+
+
+def test_a_recurrent_net_fits_and_shrinks(tmp_path):
+    model = Classifier(Recurrent(nn.GRU, 2, True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PreflightWarning)
+        trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
+    assert model.net.rnn.hidden_size == 6 and len(model.losses) == 4

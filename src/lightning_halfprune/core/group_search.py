@@ -34,7 +34,7 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.dependency import dependency, group, index_mapping
 
-from lightning_halfprune.core import log
+from lightning_halfprune.core import log, rnn
 
 BUDGET_S = 5.0  # seconds of torch-pruning's search one root may take before it is left out
 TOTAL_S = 60.0  # seconds the whole search may take; the roots not searched by then are left out
@@ -116,6 +116,10 @@ class SafeGraph(tp.DependencyGraph):
     def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
         with _guarded_updates():
             return super().get_pruning_group(*args, **kwargs)
+
+    def _trace(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with rnn.traced_as_one_op(model):  # a GRU on CPU is dozens of small ops torch-pruning cannot map
+            return super()._trace(model, *args, **kwargs)
 
 
 def new_graph() -> SafeGraph:

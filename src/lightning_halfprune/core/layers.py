@@ -16,7 +16,7 @@ from torch import nn
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import lora, pruners
+from lightning_halfprune.core import lora, pruners, rnn
 
 
 def conv1d_class() -> type | None:
@@ -60,11 +60,12 @@ LORA_LINEAR = lora.LoraLinearPruner(lambda base: pruner(base))
 
 
 def customized_pruners(model: nn.Module | None = None) -> dict[type, Any]:
-    """Pruners torch-pruning needs beyond its own: ``Conv1D``, peft's adapters and ``pruners.py``'s, in ``model``."""
+    """Pruners torch-pruning needs beyond its own: ``Conv1D``, peft's adapters, ``pruners``, ``rnn``."""
     cls = conv1d_class()
     found: dict[type, Any] = {cls: CONV1D} if cls is not None else {}
     if model is not None:
         found |= lora.customized_pruners(model, LORA_LINEAR) | pruners.customized_pruners(model)
+        found |= rnn.customized_pruners(model)
     return found
 
 
