@@ -4,10 +4,11 @@ import warnings
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_halfprune import HalfPrune
+from lightning_halfprune import HalfPrune, load_pruned
 from lightning_halfprune.core.errors import BrokenForward
 from lightning_halfprune.core.plan import Cut
 from lightning_halfprune.core.preflight import PreflightWarning
@@ -148,15 +149,20 @@ def test_scaled_std_conv_gain_follows_its_output_channels():
     assert model.conv2.in_channels == 10 and model.conv2.out_channels == 15 and model(x).shape == (2, 4)
 
 
-@pytest.mark.parametrize("net", [FrozenResNet, NFNet])
-def test_frozen_norm_and_std_conv_nets_fit_and_shrink(tmp_path, net):
+@pytest.mark.parametrize("net", [FrozenResNet, NFNet, lambda: Recurrent(nn.GRU, 2, True)])
+def test_each_family_fits_shrinks_and_loads_pruned(tmp_path, net):
     model = Classifier(net())
     before = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    checkpoints = ModelCheckpoint(tmp_path, save_last=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PreflightWarning)  # no group left out
-        trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
+        fit = trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5}), checkpoints], enable_checkpointing=True)
+        fit.fit(model, *loaders(n=32))
     after = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     assert after < 0.7 * before and len(model.losses) == 4
+    loaded = load_pruned(Classifier, tmp_path / "last.ckpt", net=net())
+    state, got = model.state_dict(), loaded.state_dict()
+    assert state.keys() == got.keys() and all(torch.equal(v, state[k]) for k, v in got.items())
 
 
 class Recurrent(nn.Module):
@@ -217,11 +223,3 @@ def test_an_lstm_with_projections_is_left_out_by_name(tmp_path):
     with pytest.warns(PreflightWarning, match=r"(?s)'net\.rnn'.*proj_size=6"):
         trainer(tmp_path, max_epochs=1, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
     assert model.net.rnn.hidden_size == 12 and model.net.emb.out_features < 10
-
-
-def test_a_recurrent_net_fits_and_shrinks(tmp_path):
-    model = Classifier(Recurrent(nn.GRU, 2, True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PreflightWarning)
-        trainer(tmp_path, max_epochs=2, callbacks=[HalfPrune({0: 0.5})]).fit(model, *loaders(n=32))
-    assert model.net.rnn.hidden_size == 6 and len(model.losses) == 4

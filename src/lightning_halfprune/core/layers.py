@@ -79,9 +79,11 @@ def pruner(layer: nn.Module) -> Any:
 
 
 def out_width(layer: nn.Module) -> int | None:
-    """Output features of a linear-like layer; None for anything else."""
+    """Output features of a linear-like (or recurrent: hidden units x directions) layer; None for anything else."""
     if isinstance(layer, nn.Linear):
         return layer.out_features
+    if isinstance(layer, nn.RNNBase):
+        return rnn.RECURRENT.get_out_channels(layer)
     if is_conv1d(layer):
         return layer.weight.shape[1]
     if lora.is_lora_linear(layer):
