@@ -43,6 +43,21 @@ def test_a_cut_that_breaks_only_the_training_forward_is_undone():
     assert not model.training and model.train()(x).shape == (1, 4)
 
 
+class NeedsLabels(AuxNet):
+    """A train-mode forward that fails whatever the widths (it wants labels): cuts are not held to it."""
+
+    def forward(self, x):
+        if self.training:
+            raise ValueError("labels are required in training mode")
+        return super().forward(x)
+
+
+def test_a_train_mode_forward_that_fails_uncut_does_not_refuse_cuts():
+    model, x = NeedsLabels().eval(), torch.randn(2, 3, 8, 8)
+    Surgeon(model, x).cut([Cut("conv2", [0, 1])])
+    assert model.conv2.out_channels == 14 and not model.training
+
+
 def test_a_fit_leaves_out_what_only_training_mode_breaks_and_cuts_the_rest(tmp_path):
     model = Classifier(AuxNet())  # torch-pruning traces in eval mode: the aux head is never in its graph
     with pytest.warns(PreflightWarning, match=r"(?s)'net\.conv1'.*training mode"):

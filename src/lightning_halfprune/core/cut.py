@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,13 +217,9 @@ def checked_forward(
         with graph_safe(model), torch.no_grad(), torch.random.fork_rng(devices=devices):
             model.eval()
             out = run_model(model, example_input)
-            if cuts and any(m not in called and any(p is not None for p in m._parameters.values()) for m in names):
+            if any(m not in called and any(p is not None for p in m._parameters.values()) for m in names):
                 mode = "training"
-                model.train()
-                for m in names:
-                    if isinstance(m, nn.modules.batchnorm._NormBase):
-                        m.eval()
-                run_model(model, example_input)
+                _train_forward(model, example_input, cuts)
             return out
     except Exception as err:
         if not cuts:
@@ -243,6 +240,31 @@ def checked_forward(
     finally:
         for h in handles:
             h.remove()
+
+
+_TRAIN_RUNS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _train_forward(model: nn.Module, example_input: Any, cuts: Sequence[Cut]) -> None:
+    """The train-mode forward (normalization layers in eval mode), inside ``checked_forward``'s guards.
+
+    Before a cut (no ``cuts``) it only records whether the model runs it at all: a model whose train-mode forward
+    fails uncut (it needs labels, say) is not held to it after a cut.
+    """
+    if cuts and not _TRAIN_RUNS.get(model, True):
+        return
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.eval()
+    if cuts:
+        run_model(model, example_input)
+        return
+    try:
+        run_model(model, example_input)
+        _TRAIN_RUNS[model] = True
+    except Exception:
+        _TRAIN_RUNS[model] = False
 
 
 def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:
