@@ -189,3 +189,13 @@ def test_sigterm_stops_the_search_at_train_start(tmp_path):
         trainer(tmp_path, max_epochs=1, callbacks=[SigtermAtTrainStart()]).fit(model, *loaders(n=32))
     assert isinstance(raised.value.__cause__, Stopped)  # HalfPrune stopped it, not the loop after a batch
     assert model.losses == []
+
+
+def test_the_torch_pruning_names_the_search_relies_on_still_exist():
+    from torch_pruning.dependency import dependency, group, index_mapping
+
+    from lightning_halfprune._compat import torch_pruning as tpc
+
+    assert all(callable(f) for f in tpc.MAPPING_UPDATES.values()) and len(tpc.MAPPING_UPDATES) == 6
+    assert callable(index_mapping.update_index_mapping)
+    assert callable(dependency.Dependency.is_triggered_by) and callable(group.Group.add_and_merge)

@@ -32,8 +32,8 @@ from typing import Any
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
-from torch_pruning.dependency import dependency, group, index_mapping
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import log, rnn
 
 BUDGET_S = 5.0  # seconds of torch-pruning's search one root may take before it is left out
@@ -84,16 +84,6 @@ class ByIdentity(list):
         return ByIdentity([*self, *other])
 
 
-_UPDATES = {
-    ops.OPTYPE.CONCAT: "update_concat_index_mapping",
-    ops.OPTYPE.SPLIT: "update_split_index_mapping",
-    ops.OPTYPE.RESHAPE: "update_reshape_index_mapping",
-    ops.OPTYPE.UNBIND: "update_unbind_index_mapping",
-    ops.OPTYPE.EXPAND: "update_expand_index_mapping",
-    ops.OPTYPE.SLICE: "update_slice_index_mapping",
-}
-
-
 class SafeGraph(tp.DependencyGraph):
     """torch-pruning's graph whose index mapping updates fail node by node, not as a whole.
 
@@ -109,17 +99,14 @@ class SafeGraph(tp.DependencyGraph):
         self.IGNORED_LAYERS_IN_TRACING = ByIdentity()
         self.mapping_failures = {}
 
-    def build_dependency(self, *args: Any, **kwargs: Any) -> SafeGraph:
-        with _guarded_updates():
-            return super().build_dependency(*args, **kwargs)
+    def build_dependency(self, model: nn.Module, *args: Any, **kwargs: Any) -> SafeGraph:
+        # a GRU on CPU is dozens of small autograd ops torch-pruning cannot map: traced as one op (rnn.py)
+        with _guarded_updates(), rnn.traced_as_one_op(model):
+            return super().build_dependency(model, *args, **kwargs)
 
     def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
         with _guarded_updates():
             return super().get_pruning_group(*args, **kwargs)
-
-    def _trace(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with rnn.traced_as_one_op(model):  # a GRU on CPU is dozens of small ops torch-pruning cannot map
-            return super()._trace(model, *args, **kwargs)
 
 
 def new_graph() -> SafeGraph:
@@ -128,33 +115,24 @@ def new_graph() -> SafeGraph:
 
 
 def _update_node_by_node(graph: Any) -> None:
-    """``index_mapping.update_index_mapping``, recording the nodes it fails on rather than raising."""
+    """torch-pruning's ``update_index_mapping``, recording the nodes it fails on rather than raising."""
     if getattr(graph, "_mapping_frozen", False):
         return
     failures: dict[Any, Exception] = {}
     for node in list(graph.module2node.values()):
-        name = _UPDATES.get(node.type)
-        if name is None:
+        update = tpc.MAPPING_UPDATES.get(node.type)
+        if update is None:
             continue
         try:
-            getattr(index_mapping, name)(graph, node)
+            update(graph, node)
         except Exception as err:  # torch-pruning could not size this op: its groups are left out
             failures[node] = err
     if isinstance(graph, SafeGraph):
         graph.mapping_failures = failures
 
 
-@contextlib.contextmanager
-def _guarded_updates() -> Iterator[None]:
-    original = index_mapping.update_index_mapping
-    if original is _update_node_by_node:  # nested
-        yield
-        return
-    index_mapping.update_index_mapping = _update_node_by_node
-    try:
-        yield
-    finally:
-        index_mapping.update_index_mapping = original
+def _guarded_updates() -> contextlib.AbstractContextManager[None]:
+    return tpc.mapping_update(_update_node_by_node)
 
 
 class _OverBudget(Exception):
@@ -213,7 +191,7 @@ def all_groups(
     candidates = [m for m in graph.module2node if isinstance(m, roots) and m not in ignored]
     roots_left = {id(m) for m in candidates}
     with _bounded_flatten(_widest(model), watch), _ticking(watch), _guarded_updates():
-        index_mapping.update_index_mapping(graph)
+        _update_node_by_node(graph)
         failed_nodes = dict(getattr(graph, "mapping_failures", {}))
         graph._mapping_frozen = True
         try:
@@ -326,7 +304,7 @@ def describe(err: BaseException) -> str:
 
 
 def _name(graph: tp.DependencyGraph, module: Any) -> str:
-    return graph._module2name.get(module) or type(module).__name__
+    return tpc.module_names(graph).get(module) or type(module).__name__
 
 
 def _warn(left_out: dict[str, str]) -> None:
@@ -349,37 +327,19 @@ def _widest(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def _bounded_flatten(limit: int, watch: _Watch) -> Iterator[None]:
-    mapping = index_mapping._FlattenIndexMapping
-    original = mapping.__call__
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def bounded(self: Any, idxs: Any) -> Any:
+            watch.tick()
+            if not self.reverse and len(idxs) * tpc.flatten_stride(self) > limit:
+                raise _Diverged
+            return original(self, idxs)
 
-    def bounded(self: Any, idxs: Any) -> Any:
-        watch.tick()
-        if not self.reverse and len(idxs) * self._stride > limit:
-            raise _Diverged
-        return original(self, idxs)
+        return bounded
 
-    mapping.__call__ = bounded
-    try:
+    with tpc.flatten_mapping(wrap):
         yield
-    finally:
-        mapping.__call__ = original
 
 
-@contextlib.contextmanager
-def _ticking(watch: _Watch) -> Iterator[None]:
+def _ticking(watch: _Watch) -> contextlib.AbstractContextManager[None]:
     """Every step of torch-pruning's search (an edge followed, an item merged) ticks ``watch``."""
-    triggered, merge = dependency.Dependency.is_triggered_by, group.Group.add_and_merge
-
-    def is_triggered_by(self: Any, fn: Any) -> bool:
-        watch.tick()
-        return triggered(self, fn)
-
-    def add_and_merge(self: Any, dep: Any, idxs: Any) -> None:
-        watch.tick()
-        merge(self, dep, idxs)
-
-    dependency.Dependency.is_triggered_by, group.Group.add_and_merge = is_triggered_by, add_and_merge
-    try:
-        yield
-    finally:
-        dependency.Dependency.is_triggered_by, group.Group.add_and_merge = triggered, merge
+    return tpc.search_steps(watch.tick)
