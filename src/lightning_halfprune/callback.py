@@ -55,10 +55,9 @@ class HalfPrune(Callback):
             are fractions of the channels the model had when fit started.
         scorer: a name from ``lightning_halfprune.SCORERS`` (``"l1"``, ``"l2"``, ``"taylor"``, ``"redundancy"``,
             ...) or a scorer object (any ``torch_pruning`` importance works).
-        target: what a schedule value reduces: ``"channels"`` (fraction of channels removed), ``"params"``,
-            ``"macs"`` (0.5: half the original parameters / MACs per sample) or ``"latency"`` (0.5: half the
-            original inference time, timed side by side). Other than ``"channels"``, channels are ranked globally
-            (scores normalised per group) and the channel count is searched to meet the target.
+        target: what a schedule value reduces: ``"channels"`` (fraction removed), ``"params"``, ``"macs"`` (0.5:
+            half the original params / MACs per sample) or ``"latency"`` (0.5: half the original inference time);
+            other than ``"channels"``, channels are ranked globally and their count searched to meet the target.
         ignored_layers: layers never pruned: module names, regular expressions over names, or modules. The
             layers that produce the model's output are never pruned in any case.
         round_to: keep every channel count a multiple of this (e.g. 8 for tensor cores).
@@ -70,9 +69,8 @@ class HalfPrune(Callback):
         prune_hidden_size: also cut the residual stream (embedding width) of models with attention, together
             with everything that reads it; by default only heads and MLP widths are cut.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after
-            it (evaluated on the validation data outside the fit's loops) and after recovery (next validation).
-            With several validation dataloaders: Lightning's name (``"val_acc/dataloader_idx_1"``), or the plain
-            name if only one loader logs it.
+            it (evaluated outside the fit's loops) and after recovery; with several validation dataloaders,
+            Lightning's name (``"val_acc/dataloader_idx_1"``) or the plain one if only one loader logs it.
         mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is.
         guard: a :class:`Guard` turns the accuracy guard on: a cut that leaves ``monitor`` worse than before by
             more than ``max_drop`` is undone exactly. Needs ``monitor``.
@@ -200,7 +198,7 @@ class HalfPrune(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_fit(trainer, pl_module)
-        with compiled.eager(), sharded.full_model(trainer, pl_module, lambda: self.surgeon):  # own passes: eager
+        with self._own_work(trainer, pl_module):
             self._prepare(trainer, pl_module)
         self._catch_up(trainer, pl_module)
         if self._distiller is not None and self.history and self._last_point_passed(trainer):
@@ -244,7 +242,7 @@ class HalfPrune(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.reports:  # the original architecture against the final one, side by side, both uncompiled
-            with compiled.eager(), sharded.full_model(trainer, pl_module, lambda: self.surgeon, self._speed.enabled):
+            with self._own_work(trainer, pl_module, self._speed.enabled):
                 self.final_speed = self._speed.against_original(pl_module, self.surgeon.example_input)
         publish.fit_summary(trainer, self.reports, self.metric.last(trainer), self.verbose, self.final_speed)
         self.compiles.stop()
@@ -303,7 +301,7 @@ class HalfPrune(Callback):
             self._prune_if_scheduled(trainer, pl_module, max(missed))
 
     def _prune_if_scheduled(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
-        with compiled.eager(), sharded.full_model(trainer, pl_module, lambda: self.surgeon):  # eager, full
+        with self._own_work(trainer, pl_module):
             self._prune_point(trainer, pl_module, point)
 
     def _prune_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
@@ -436,6 +434,13 @@ class HalfPrune(Callback):
         return True
 
     # ------------------------------------------------------------------ helpers
+    @contextmanager
+    def _own_work(self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool = True) -> Iterator[None]:
+        """HalfPrune's own passes: uncompiled, stopped by SIGTERM, on the full model (if ``full``, when sharded)."""
+        surgeon = lambda: self.surgeon  # noqa: E731 - built inside the block at train start
+        with compiled.eager(), checks.stop_on_sigterm(trainer), sharded.full_model(trainer, pl_module, surgeon, full):
+            yield
+
     def config(self) -> dict[str, Any]:
         """The callback's arguments, as logged to every logger's hyperparameters."""
         return {

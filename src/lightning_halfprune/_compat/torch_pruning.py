@@ -101,3 +101,53 @@ class _SavedSizes:
     def __init__(self, saved: dict[str, Any]) -> None:
         for name, value in saved.items():
             setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else value)
+
+
+# ------------------------------------------------------------------ group search (core/group_search.py, issue 22)
+MAPPING_UPDATES = {  # node type -> torch-pruning's function that (re)builds that node's index mapping
+    ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+    ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+    ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+    ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+    ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+    ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping,
+}
+
+
+@contextlib.contextmanager
+def mapping_update(replacement: Callable[[tp.DependencyGraph], None]) -> Iterator[None]:
+    """Route torch-pruning's whole-graph index mapping update (graph build, each group search) to ``replacement``.
+
+    Nested blocks keep the outer replacement.
+    """
+    original = index_mapping.update_index_mapping
+    if original is replacement:
+        yield
+        return
+    index_mapping.update_index_mapping = replacement
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
+
+
+@contextlib.contextmanager
+def search_steps(tick: Callable[[], None]) -> Iterator[None]:
+    """Call ``tick()`` at every step of torch-pruning's group search (an edge followed, an item merged)."""
+    from torch_pruning.dependency import dependency, group
+
+    triggered, merge = dependency.Dependency.is_triggered_by, group.Group.add_and_merge
+
+    def is_triggered_by(self: Any, fn: Any) -> bool:
+        tick()
+        return triggered(self, fn)
+
+    def add_and_merge(self: Any, dep: Any, idxs: Any) -> None:
+        tick()
+        merge(self, dep, idxs)
+
+    dependency.Dependency.is_triggered_by, group.Group.add_and_merge = is_triggered_by, add_and_merge
+    try:
+        yield
+    finally:
+        dependency.Dependency.is_triggered_by, group.Group.add_and_merge = triggered, merge

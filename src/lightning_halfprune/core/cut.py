@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,30 +223,42 @@ def _sync_hidden_dim(model: nn.Module, widths: dict[nn.MultiheadAttention, int])
 def checked_forward(
     model: nn.Module, example_input: Any, cuts: Sequence[Cut] = (), members: dict[str, set[str]] | None = None
 ) -> Any:
-    """Run the example input in eval mode without grad or RNG side effects; a failure is a ``BrokenForward``."""
+    """Run the example input in eval mode without grad or RNG side effects; a failure is a ``BrokenForward``.
+
+    After a cut, a layer with parameters that the eval forward never called (an auxiliary head, a branch that
+    stochastic depth drops) may run only in training: the model's train-mode forward is then run too (no grad,
+    RNG forked, normalization layers in eval mode so the statistics stay and a batch of one is fine).
+    """
     names = {m: name for name, m in model.named_modules()}
     running: list[nn.Module] = []  # the modules whose forward has started and not yet returned
+    called: set[nn.Module] = set()
+    mode = "eval"
+
+    def enter(module: nn.Module, args: Any) -> None:
+        running.append(module)
+        called.add(module)
 
     def leave(module: nn.Module, args: Any, out: Any) -> None:
         running.pop()
 
-    handles = [
-        h
-        for m in names
-        for h in (m.register_forward_pre_hook(lambda m, args: running.append(m)), m.register_forward_hook(leave))
-    ]
+    handles = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
         with graph_safe(model), torch.no_grad(), torch.random.fork_rng(devices=devices):
             model.eval()
-            return run_model(model, example_input)
+            out = run_model(model, example_input)
+            if any(m not in called and any(p is not None for p in m._parameters.values()) for m in names):
+                mode = "training"
+                _train_forward(model, example_input, cuts)
+            return out
     except Exception as err:
         if not cuts:
             raise
         layer = names.get(running[-1], "") if running else None
         groups = _groups_touching(members or {}, cuts, layer)
         where = f"in layer {layer!r} ({type(running[-1]).__name__})" if layer else "in the model's own forward"
-        reason = f"the forward failed {where} with {type(err).__name__}: {err}"
+        mode = " in training mode" if mode == "training" else ""
+        reason = f"the forward{mode} failed {where} with {type(err).__name__}: {err}"
         raise BrokenForward(
             f"after removing channels from the coupled group(s) {groups} the model no longer runs "
             f"`example_input`: {reason}. The cut was undone; the model is exactly as before. Add {groups} to "
@@ -257,6 +270,31 @@ def checked_forward(
     finally:
         for h in handles:
             h.remove()
+
+
+_TRAIN_RUNS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _train_forward(model: nn.Module, example_input: Any, cuts: Sequence[Cut]) -> None:
+    """The train-mode forward (normalization layers in eval mode), inside ``checked_forward``'s guards.
+
+    Before a cut (no ``cuts``) it only records whether the model runs it at all: a model whose train-mode forward
+    fails uncut (it needs labels, say) is not held to it after a cut.
+    """
+    if cuts and not _TRAIN_RUNS.get(model, True):
+        return
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.eval()
+    if cuts:
+        run_model(model, example_input)
+        return
+    try:
+        run_model(model, example_input)
+        _TRAIN_RUNS[model] = True
+    except Exception:
+        _TRAIN_RUNS[model] = False
 
 
 def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import lora
+from lightning_halfprune.core import lora, pruners, rnn
 
 
 def conv1d_class() -> type | None:
@@ -60,11 +60,12 @@ LORA_LINEAR = lora.LoraLinearPruner(lambda base: pruner(base))
 
 
 def customized_pruners(model: nn.Module | None = None) -> dict[type, Any]:
-    """Pruners torch-pruning needs beyond its own: ``Conv1D``, and peft's adapter layers found in ``model``."""
+    """Pruners torch-pruning needs beyond its own: ``Conv1D``, peft's adapters, ``pruners``, ``rnn``."""
     cls = conv1d_class()
     found: dict[type, Any] = {cls: CONV1D} if cls is not None else {}
     if model is not None:
-        found |= lora.customized_pruners(model, LORA_LINEAR)
+        found |= lora.customized_pruners(model, LORA_LINEAR) | pruners.customized_pruners(model)
+        found |= rnn.customized_pruners(model)
     return found
 
 
@@ -78,9 +79,11 @@ def pruner(layer: nn.Module) -> Any:
 
 
 def out_width(layer: nn.Module) -> int | None:
-    """Output features of a linear-like layer; None for anything else."""
+    """Output features of a linear-like (or recurrent: hidden units x directions) layer; None for anything else."""
     if isinstance(layer, nn.Linear):
         return layer.out_features
+    if isinstance(layer, nn.RNNBase):
+        return rnn.RECURRENT.get_out_channels(layer)
     if is_conv1d(layer):
         return layer.weight.shape[1]
     if lora.is_lora_linear(layer):

@@ -26,6 +26,7 @@ from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core import log
 from lightning_halfprune.core.cut import ParamRemap
 from lightning_halfprune.core.errors import BrokenForward, SurgeryError
+from lightning_halfprune.core.group_search import check_stop
 from lightning_halfprune.core.measure import count_params
 from lightning_halfprune.core.plan import Cut
 from lightning_halfprune.core.scoring import get_scorer
@@ -56,6 +57,7 @@ def preflight(surgeon: Surgeon, ratios: Sequence[float], known: dict[str, str] |
         surgeon.ignore([name for name in left_out if name not in _ignored(surgeon)])
         cuts = [c for c in cuts if c.layer not in left_out]
         while cuts:
+            check_stop()  # SIGTERM between dry runs (``fit.checks.stop_on_sigterm``)
             try:
                 surgeon.cut(cuts, dry_run=True)
                 break
@@ -143,6 +145,7 @@ def _culprits(surgeon: Surgeon, cuts: Sequence[Cut], err: SurgeryError) -> dict[
         return {c.layer: _reason(err) for c in named}
     culprits = {}
     for c in cuts:
+        check_stop()
         try:
             surgeon.cut([c], dry_run=True)
         except SurgeryError as alone:

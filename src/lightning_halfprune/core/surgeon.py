@@ -153,7 +153,8 @@ class Surgeon:
         experts = moe.find_experts(self.model)  # routed experts: cut by moe.py, never roots of the graph's groups
         not_roots = ignored + [m for s in specs for m in s.inputs] + moe.not_roots(self.model, experts)
         outputs = {s.o for s in specs}
-        roots = ROOT_TYPES + tuple(layers.customized_pruners(self.model))
+        pruners = layers.customized_pruners(self.model)  # a norm's pruner (is_root False) never roots a group
+        roots = ROOT_TYPES + tuple(t for t, p in pruners.items() if getattr(p, "is_root", True))
         holders = shared_parameter_holders(self.model)
         found = []
         for group in all_groups(graph, self.model, not_roots, roots):

@@ -1,16 +1,38 @@
 """What can be checked when training starts, said then rather than found epochs later.
 
-The schedule against the trainer's limits once the steps per epoch are known, and a metric (``monitor``, the
-accuracy guard) that no validation will ever produce.
+The schedule against the trainer's limits once the steps per epoch are known, a metric (``monitor``, the
+accuracy guard) that no validation will ever produce, and a SIGTERM that arrives while HalfPrune itself works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_halfprune.core.group_search import Stopped, stopping
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(trainer: pl.Trainer) -> Iterator[None]:
+    """Within the block, a SIGTERM stops HalfPrune's own work (group search, pre-flight, a cut) promptly.
+
+    Lightning's SIGTERM handler only records the signal (``trainer.received_sigterm``); the fit loop acts on it
+    between batches, so a search running for minutes at train start ignored it. Here HalfPrune's searches look at
+    it between layers and stop; a cut in progress is undone (the model is as before), and Lightning's own
+    ``SIGTERMException`` is raised, exactly as if the signal had come between two batches.
+    """
+    try:
+        with stopping(lambda: bool(getattr(trainer, "received_sigterm", False))):
+            yield
+    except Stopped as err:
+        rank_zero_info("HalfPrune stopped on SIGTERM; the model is as it was before.")
+        raise SIGTERMException from err
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int | None:
