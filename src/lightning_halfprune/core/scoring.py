@@ -297,7 +297,14 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
     "activation": ActivationScorer,
     "redundancy": RedundancyScorer,
     "random": RandomScorer,
+    "minitron": lambda: _minitron(),
 }
+
+
+def _minitron() -> Scorer:
+    from lightning_halfprune.core.minitron import MinitronScorer  # imports this module: loaded on first use
+
+    return MinitronScorer()
 
 
 def get_scorer(scorer: str | Scorer) -> Scorer:

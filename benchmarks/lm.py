@@ -1,0 +1,255 @@
+"""Issues 23 and 27: prune a causal LM during training and during fine-tuning, measured on real text.
+
+Task (``lm_task.py``): a byte-level Qwen3 (1.05M params) on the Python standard library's sources, bits per byte.
+
+* ``--setting finetune`` (issue 27): a dense parent trained N steps; then K = N/2 steps on new data: the dense
+  fine-tune, HalfPrune at 0.3 and 0.5 with the fine-tuning preset, the pruned widths trained from scratch for N + K
+  steps, and the loss right after the cut (before any training) per scorer.
+* ``--setting scratch`` (issue 23): N steps from scratch: dense (= the parent), HalfPrune 0.5 with the recovery
+  recipe (cubic, distillation from the model before each cut until 2 epochs after the last) with ``l2`` and with
+  ``minitron``, the half-width model from scratch, that model distilled from the dense one, and the steps the
+  from-scratch model needs to reach HalfPrune's validation loss.
+
+``python benchmarks/lm.py --seeds 2 --jobs 2`` writes ``benchmarks/lm.json`` and ``benchmarks/lm.md``; each seed
+runs in its own process (``--one-seed S``) on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lm_task import STEPS_PER_EPOCH, Arch, CausalLM, Data, Optim, evaluate, trainer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCORERS = ("l2", "taylor", "activation", "minitron")
+
+
+def recipe_kwargs(setting: str, ratio: float, steps: int, **over) -> dict:
+    """The ``HalfPrune`` keyword arguments of each setting's recipe: the one place to adapt to API changes."""
+    from lightning_halfprune import Schedule, presets
+
+    quiet = {"verbose": False, "latency_batch_size": 0}
+    if setting == "finetune":
+        return {**presets.finetuning(ratio, **over), **quiet}
+    epochs = steps // STEPS_PER_EPOCH  # the MNIST-1D recipe, in epochs of 50 steps
+    schedule = Schedule.cubic(start=epochs // 6, end=epochs // 2, ratio=ratio, every=1)
+    kwargs = {"schedule": schedule, "scorer": "l2", "distill_alpha": 1.0, "distill_temperature": 2.0,
+              "distill_teacher": "each", "distill_epochs": 2}
+    return {**kwargs, **over, **quiet}
+
+
+def halfprune(kwargs: dict):
+    """``HalfPrune`` and its companion callbacks from ``recipe_kwargs`` (re-warm-up until HalfPrune takes it)."""
+    from lightning_halfprune import HalfPrune
+    from lightning_halfprune.fit.rewarm import RewarmAfterCut
+
+    kwargs = dict(kwargs)
+    rewarm = kwargs.pop("rewarm_steps", 0)
+    prune = HalfPrune(**kwargs)
+    return prune, [prune, RewarmAfterCut(prune, rewarm)] if rewarm else [prune]
+
+
+class Curve:
+    """Validation bits per byte every ``every`` steps (for the token budget of the from-scratch model)."""
+
+    def __init__(self, val: torch.Tensor, every: int) -> None:
+        self.val, self.every, self.points = val, every, []
+
+    def __call__(self, module: CausalLM, step: int) -> None:
+        if step % self.every == 0:
+            self.points.append((step, evaluate(module, self.val)))
+
+
+def fit(module: CausalLM, loader, steps: int, callbacks=(), curve: Curve | None = None) -> float:
+    """Train ``steps`` optimizer steps; returns the wall time."""
+    import lightning.pytorch as pl
+
+    class Tick(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if curve is not None:
+                curve(pl_module, trainer.global_step)
+
+    start = time.perf_counter()
+    trainer(steps, [*callbacks, Tick()]).fit(module, loader)
+    return time.perf_counter() - start
+
+
+def row(name: str, module: CausalLM, data: Data, steps: int, seconds: float, prune=None, **extra) -> dict:
+    from lightning_halfprune.core.measure import MacCounter, count_params
+
+    out = {"row": name, "val_bpb": evaluate(module, data.val), "test_bpb": evaluate(module, data.test),
+           "params": count_params(module.model), "steps": steps, "seconds": seconds,
+           "macs_per_token": MacCounter()(module, module.example_input_array) / module.example_input_array.shape[1],
+           "arch": vars(Arch.of(module.model)), **extra}
+    if prune is not None:
+        out["prune_seconds"] = sum(r.seconds for r in prune.reports)
+        out["prune_share"] = out["prune_seconds"] / seconds
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def parent(data: Data, n: int) -> tuple[CausalLM, float]:
+    module = CausalLM(Arch().build(), Optim(steps=n))
+    return module, fit(module, data.train_loader("pretrain"), n)
+
+
+def cut_loss(parent_module: CausalLM, data: Data, ratio: float, scorer: str) -> float:
+    """Bits per byte of the parent cut to ``ratio`` by ``scorer`` (calibrated on the fine-tune's first batches)."""
+    from lightning_halfprune.core.scoring import get_scorer, needs_data
+    from lightning_halfprune.core.surgeon import Surgeon
+    from lightning_halfprune.fit.batches import take_batches, training_loss, undisturbed
+
+    module = copy.deepcopy(parent_module)
+    surgeon = Surgeon(module, module.example_input_array)
+    score = get_scorer(scorer)
+    with undisturbed(module):
+        if needs_data(score):
+            if hasattr(score, "inputs_of"):
+                score.inputs_of = lambda batch: batch[:, :-1]
+            score.calibrate(module, take_batches(data.train_loader("finetune"), 8, torch.device("cpu")),
+                            training_loss(module))
+        cuts = surgeon.plan(ratio, score)
+    surgeon.cut(cuts)
+    return evaluate(module, data.val)
+
+
+def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
+    k = n // 2
+    rows = []
+    dense, seconds = parent(data, n)
+    rows.append(row("parent: dense, N steps", dense, data, n, seconds))
+    rows[-1]["module"] = dense  # the dense model of the from-scratch setting too (popped before output)
+    for ratio in (0.3, 0.5):
+        for scorer in SCORERS:
+            rows.append({"row": f"cut {ratio} by {scorer}, before training", "ratio": ratio, "scorer": scorer,
+                         "val_bpb": cut_loss(dense, data, ratio, scorer)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    module = copy.deepcopy(dense)
+    module.optim = Optim(steps=k)
+    rows.append(row("dense fine-tune, K steps", module, data, n + k, fit(module, data.train_loader("finetune"), k)))
+    for ratio in (0.3, 0.5):
+        module = copy.deepcopy(dense)
+        module.optim = Optim(steps=k)
+        prune, callbacks = halfprune(recipe_kwargs("finetune", ratio, k, **over))
+        seconds = fit(module, data.train_loader("finetune"), k, callbacks)
+        rows.append(row(f"HalfPrune {ratio} fine-tune, K steps", module, data, n + k, seconds, prune, ratio=ratio))
+        small = CausalLM(Arch(**rows[-1]["arch"]).build(), Optim(steps=n + k))
+        curve = Curve(data.val, STEPS_PER_EPOCH)
+        seconds = fit(small, data.train_loader("pretrain", then_after=n), n + k, curve=curve)
+        rows.append(row(f"widths of {ratio} from scratch, N+K steps", small, data, n + k, seconds, ratio=ratio,
+                        curve=curve.points))
+    return rows
+
+
+def scratch_rows(data: Data, n: int, over: dict, dense: CausalLM | None = None) -> list[dict]:
+    rows = []
+    if dense is None:
+        dense, seconds = parent(data, n)
+        rows.append(row("dense, N steps", dense, data, n, seconds))
+    for scorer in ("l2", "minitron"):
+        module = CausalLM(Arch().build(), Optim(steps=n))
+        prune, callbacks = halfprune(recipe_kwargs("scratch", 0.5, n, scorer=scorer, **over))
+        seconds = fit(module, data.train_loader("pretrain"), n, callbacks)
+        rows.append(row(f"HalfPrune 0.5 recipe ({scorer}), N steps", module, data, n, seconds, prune, ratio=0.5))
+    arch = Arch(**rows[-1]["arch"])
+    small = CausalLM(arch.build(), Optim(steps=n))
+    rows.append(row("widths of 0.5 from scratch, N steps", small, data, n,
+                    fit(small, data.train_loader("pretrain"), n), ratio=0.5))
+    student = CausalLM(arch.build(), Optim(steps=n), teacher=dense.model)
+    rows.append(row("widths of 0.5 distilled from the dense model, N steps", student, data, n,
+                    fit(student, data.train_loader("pretrain"), n), ratio=0.5))
+    return rows
+
+
+def one_seed(seed: int, setting: str, n: int, over: dict) -> list[dict]:
+    import lightning.pytorch as pl
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    pl.seed_everything(seed, verbose=False)
+    data = Data(seed)
+    rows, dense = [], None
+    if setting in ("finetune", "all"):
+        rows += finetune_rows(data, n, over)
+        dense = rows[0].pop("module")
+    if setting in ("scratch", "all"):
+        pl.seed_everything(seed, verbose=False)
+        rows += scratch_rows(data, n, over, dense)
+    for r in rows:
+        r["seed"] = seed
+        r.pop("module", None)
+    return rows
+
+
+def latency(archs: dict[str, dict]) -> dict[str, float]:
+    """Milliseconds per token of a 128-byte forward pass, batch 1, one thread, the models timed interleaved."""
+    from torch.utils import benchmark
+
+    torch.set_num_threads(1)
+    x = torch.zeros(1, 128, dtype=torch.long)
+    models = {name: Arch(**a).build().eval() for name, a in archs.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(7):
+            for name, m in models.items():
+                t = benchmark.Timer("m(input_ids=x)", globals={"m": m, "x": x}, num_threads=1)
+                times[name].append(t.blocked_autorange(min_run_time=0.3).median)
+    return {name: sorted(v)[len(v) // 2] * 1e3 / x.shape[1] for name, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--setting", choices=("scratch", "finetune", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=600, help="N: the parent's / from-scratch steps (K = N/2)")
+    parser.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes, one thread each")
+    parser.add_argument("--recipe", default="{}", help="JSON overrides of the recipe's HalfPrune kwargs")
+    parser.add_argument("--out", default=os.path.join(HERE, "lm"), help="writes OUT.json and OUT.md")
+    parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    over = json.loads(args.recipe)
+    if args.one_seed is not None:
+        rows = one_seed(args.one_seed, args.setting, args.steps, over)
+        print("ROWS " + json.dumps(rows), flush=True)
+        return
+    start = time.perf_counter()
+    procs, rows = [], []
+    for seed in range(args.seeds):
+        cmd = [sys.executable, __file__, "--one-seed", str(seed), "--setting", args.setting, "--steps",
+               str(args.steps), "--recipe", args.recipe]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        if len(procs) >= args.jobs or seed == args.seeds - 1:
+            for p in procs:
+                out, _ = p.communicate()
+                if p.returncode != 0:
+                    raise SystemExit(f"a seed failed (exit {p.returncode}); its last rows:\n{out[-3000:]}")
+                rows += json.loads(out.strip().splitlines()[-1][5:])
+            procs = []
+    archs = {json.dumps(r["arch"], sort_keys=True): r["arch"] for r in rows if "arch" in r}
+    per_token = latency(archs)
+    for r in rows:
+        if "arch" in r:
+            r["ms_per_token"] = per_token[json.dumps(r["arch"], sort_keys=True)]
+    result = {"command": "python benchmarks/lm.py " + " ".join(sys.argv[1:]), "steps": args.steps,
+              "seeds": args.seeds, "minutes": (time.perf_counter() - start) / 60, "rows": rows}
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    from lm_table import markdown
+
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

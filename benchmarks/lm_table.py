@@ -1,0 +1,102 @@
+"""The markdown tables of ``benchmarks/lm.py`` from its JSON result (``python benchmarks/lm_table.py lm.json``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+
+def _stat(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{mean:.{digits}f}{spread}"
+
+
+def _group(rows: list[dict], name: str) -> list[dict]:
+    return [r for r in rows if r["row"] == name]
+
+
+def _mean(rows: list[dict], name: str, key: str = "val_bpb") -> float | None:
+    values = [r[key] for r in _group(rows, name) if key in r]
+    return statistics.fmean(values) if values else None
+
+
+def _line(rows: list[dict], name: str, reference: str | None) -> str:
+    group = _group(rows, name)
+    if not group:
+        return ""
+    first = group[0]
+    ref = _mean(rows, reference) if reference else None
+    delta = f"{100 * (_mean(rows, name) / ref - 1):+.1f}%" if ref else "-"
+    share = _stat([100 * r["prune_share"] for r in group if "prune_share" in r], 1)
+    return (
+        f"| {name} | {first['steps']} | {_stat([r['val_bpb'] for r in group])} | "
+        f"{_stat([r['test_bpb'] for r in group])} | {delta} | {first['params']:,} | "
+        f"{first['macs_per_token'] / 1e3:.0f}k | {first.get('ms_per_token', float('nan')):.3f} | "
+        f"{share if share != '-' else '-'} |\n"
+    )
+
+
+HEADER = (
+    "| row | steps | val bits/byte | test bits/byte | val vs {ref} | params | MACs/token | ms/token "
+    "| prune % of time |\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def _budget(rows: list[dict], target_row: str, curve_row: str) -> str:
+    """Per seed: the first step of the from-scratch curve at or below the HalfPrune row's validation loss."""
+    out = []
+    for r in _group(rows, target_row):
+        curves = [c for c in _group(rows, curve_row) if c["seed"] == r["seed"]]
+        if not curves:
+            continue
+        steps = [s for s, v in curves[0]["curve"] if v <= r["val_bpb"]]
+        out.append(str(steps[0]) if steps else f"> {curves[0]['steps']}")
+    return ", ".join(out) or "-"
+
+
+def markdown(result: dict) -> str:
+    rows, n = result["rows"], result["steps"]
+    text = [
+        f"# Pruning a causal LM (issues 23, 27)\n\n`{result['command']}`: {result['seeds']} seed(s), N = {n} steps, "
+        f"K = {n // 2}; {result['minutes']:.1f} min. Byte-level Qwen3 on the Python stdlib's sources; bits per byte "
+        "(mean ± std over seeds); MACs/token: linear layers of a 128-byte forward pass; ms/token: batch 1 x 128 bytes, "
+        "1 thread, all architectures timed interleaved (torch.utils.benchmark).\n"
+    ]
+    if _group(rows, "dense fine-tune, K steps"):
+        ref = "dense fine-tune, K steps"
+        text.append("\n## Fine-tune setting (issue 27): parent N steps, then K steps on new data\n\n")
+        text.append(HEADER.format(ref="dense fine-tune"))
+        for name in ("parent: dense, N steps", ref, "HalfPrune 0.3 fine-tune, K steps",
+                     "widths of 0.3 from scratch, N+K steps", "HalfPrune 0.5 fine-tune, K steps",
+                     "widths of 0.5 from scratch, N+K steps"):
+            text.append(_line(rows, name, ref))
+        scorers = sorted({r["scorer"] for r in rows if "scorer" in r})
+        text.append("\nValidation bits per byte of the parent right after the cut, before any training:\n\n")
+        text.append("| ratio | " + " | ".join(scorers) + " |\n|---|" + "---|" * len(scorers) + "\n")
+        for ratio in (0.3, 0.5):
+            cells = [_stat([r["val_bpb"] for r in _group(rows, f"cut {ratio} by {s}, before training")])
+                     for s in scorers]
+            text.append(f"| {ratio} | " + " | ".join(cells) + " |\n")
+    if _group(rows, "HalfPrune 0.5 recipe (l2), N steps"):
+        ref = "parent: dense, N steps" if _group(rows, "parent: dense, N steps") else "dense, N steps"
+        text.append("\n## From-scratch setting (issue 23): N steps\n\n")
+        text.append(HEADER.format(ref="dense"))
+        for name in (ref, "HalfPrune 0.5 recipe (l2), N steps", "HalfPrune 0.5 recipe (minitron), N steps",
+                     "widths of 0.5 from scratch, N steps", "widths of 0.5 distilled from the dense model, N steps"):
+            text.append(_line(rows, name, ref))
+        for name in ("HalfPrune 0.5 recipe (l2), N steps", "HalfPrune 0.5 recipe (minitron), N steps"):
+            text.append(
+                f"\nSteps the 0.5 widths from scratch (the N+K run, validated every 50 steps) need to reach {name}'s "
+                f"validation loss, per seed: {_budget(rows, name, 'widths of 0.5 from scratch, N+K steps')}.\n"
+            )
+    return "".join(text)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(markdown(json.load(f)))
