@@ -94,8 +94,18 @@ def row(name: str, module: CausalLM, data: Data, steps: int, seconds: float, pru
     if prune is not None:
         out["prune_seconds"] = sum(r.seconds for r in prune.reports)
         out["prune_share"] = out["prune_seconds"] / seconds
-    print(json.dumps(out), file=sys.stderr, flush=True)
+    log(out)
     return out
+
+
+LOG: list = []  # the JSONL file each finished row is appended to (``--one-seed``), so partial runs keep rows
+
+
+def log(entry: dict) -> None:
+    print(json.dumps(entry), file=sys.stderr, flush=True)
+    if LOG:
+        with open(LOG[0], "a") as f:
+            f.write(json.dumps({**{k: v for k, v in entry.items() if k != "module"}, "seed": LOG[1]}) + "\n")
 
 
 def parent(data: Data, n: int) -> tuple[CausalLM, float]:
@@ -133,7 +143,7 @@ def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
         for scorer in SCORERS:
             rows.append({"row": f"cut {ratio} by {scorer}, before training", "ratio": ratio, "scorer": scorer,
                          "val_bpb": cut_loss(dense, data, ratio, scorer)})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            log(rows[-1])
     module = copy.deepcopy(dense)
     module.optim = Optim(steps=k)
     rows.append(row("dense fine-tune, K steps", module, data, n + k, fit(module, data.train_loader("finetune"), k)))
@@ -171,13 +181,14 @@ def scratch_rows(data: Data, n: int, over: dict, dense: CausalLM | None = None) 
     return rows
 
 
-def one_seed(seed: int, setting: str, n: int, over: dict) -> list[dict]:
+def one_seed(seed: int, setting: str, n: int, over: dict, out: str) -> list[dict]:
     import lightning.pytorch as pl
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     pl.seed_everything(seed, verbose=False)
     data = Data(seed)
+    LOG[:] = [f"{out}.seed{seed}.jsonl", seed]
     rows, dense = [], None
     if setting in ("finetune", "all"):
         rows += finetune_rows(data, n, over)
@@ -207,41 +218,55 @@ def latency(archs: dict[str, dict]) -> dict[str, float]:
     return {name: sorted(v)[len(v) // 2] * 1e3 / x.shape[1] for name, v in times.items()}
 
 
+def run_seeds(args: argparse.Namespace) -> None:
+    """Each seed in its own process (``--jobs`` at a time); each appends its rows to ``OUT.seedS.jsonl``."""
+    procs = []
+    for seed in range(args.seeds):
+        path = f"{args.out}.seed{seed}.jsonl"
+        if os.path.exists(path):
+            os.remove(path)
+        cmd = [sys.executable, __file__, "--one-seed", str(seed), "--setting", args.setting, "--steps",
+               str(args.steps), "--recipe", args.recipe, "--out", args.out]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        if len(procs) >= args.jobs or seed == args.seeds - 1:
+            for p in procs:
+                if p.wait() != 0:
+                    print(f"a seed failed (exit {p.returncode}); the table holds the rows that finished.")
+            procs = []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--setting", choices=("scratch", "finetune", "all"), default="all")
-    parser.add_argument("--steps", type=int, default=600, help="N: the parent's / from-scratch steps (K = N/2)")
+    parser.add_argument("--steps", type=int, default=400, help="N: the parent's / from-scratch steps (K = N/2)")
     parser.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes, one thread each")
     parser.add_argument("--recipe", default="{}", help="JSON overrides of the recipe's HalfPrune kwargs")
     parser.add_argument("--out", default=os.path.join(HERE, "lm"), help="writes OUT.json and OUT.md")
+    parser.add_argument("--collect", action="store_true", help="only build the table from OUT.seed*.jsonl")
     parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     over = json.loads(args.recipe)
     if args.one_seed is not None:
-        rows = one_seed(args.one_seed, args.setting, args.steps, over)
-        print("ROWS " + json.dumps(rows), flush=True)
+        one_seed(args.one_seed, args.setting, args.steps, over, args.out)
         return
     start = time.perf_counter()
-    procs, rows = [], []
+    if not args.collect:
+        run_seeds(args)
+    rows = []
     for seed in range(args.seeds):
-        cmd = [sys.executable, __file__, "--one-seed", str(seed), "--setting", args.setting, "--steps",
-               str(args.steps), "--recipe", args.recipe]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
-        if len(procs) >= args.jobs or seed == args.seeds - 1:
-            for p in procs:
-                out, _ = p.communicate()
-                if p.returncode != 0:
-                    raise SystemExit(f"a seed failed (exit {p.returncode}); its last rows:\n{out[-3000:]}")
-                rows += json.loads(out.strip().splitlines()[-1][5:])
-            procs = []
+        path = f"{args.out}.seed{seed}.jsonl"
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += [json.loads(line) for line in f if line.strip()]
     archs = {json.dumps(r["arch"], sort_keys=True): r["arch"] for r in rows if "arch" in r}
     per_token = latency(archs)
     for r in rows:
         if "arch" in r:
             r["ms_per_token"] = per_token[json.dumps(r["arch"], sort_keys=True)]
+    minutes = None if args.collect else (time.perf_counter() - start) / 60
     result = {"command": "python benchmarks/lm.py " + " ".join(sys.argv[1:]), "steps": args.steps,
-              "seeds": args.seeds, "minutes": (time.perf_counter() - start) / 60, "rows": rows}
+              "seeds": args.seeds, "minutes": minutes, "rows": rows}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     from lm_table import markdown

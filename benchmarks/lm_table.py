@@ -59,11 +59,18 @@ def _budget(rows: list[dict], target_row: str, curve_row: str) -> str:
     return ", ".join(out) or "-"
 
 
+def _minutes(result: dict) -> str:
+    if result.get("minutes") is not None:
+        return f"{result['minutes']:.1f} min wall"
+    train = sum(r.get("seconds", 0) for r in result["rows"]) / 60
+    return f"rows collected from finished runs, {train:.0f} min of training in all"
+
+
 def markdown(result: dict) -> str:
     rows, n = result["rows"], result["steps"]
     text = [
         f"# Pruning a causal LM (issues 23, 27)\n\n`{result['command']}`: {result['seeds']} seed(s), N = {n} steps, "
-        f"K = {n // 2}; {result['minutes']:.1f} min. Byte-level Qwen3 on the Python stdlib's sources; bits per byte "
+        f"K = {n // 2}; {_minutes(result)}. Byte-level Qwen3 on the Python stdlib's sources; bits per byte "
         "(mean ± std over seeds); MACs/token: linear layers of a 128-byte forward pass; ms/token: batch 1 x 128 bytes, "
         "1 thread, all architectures timed interleaved (torch.utils.benchmark).\n"
     ]
