@@ -108,9 +108,22 @@ def log(entry: dict) -> None:
             f.write(json.dumps({**{k: v for k, v in entry.items() if k != "module"}, "seed": LOG[1]}) + "\n")
 
 
-def parent(data: Data, n: int) -> tuple[CausalLM, float]:
+def parent(data: Data, n: int) -> tuple[CausalLM, float, bool]:
+    """The dense model trained ``n`` steps: loaded if a process of this run already trained it, else trained.
+
+    Returns it, the seconds its training took, and whether it was trained here.
+    """
     module = CausalLM(Arch().build(), Optim(steps=n))
-    return module, fit(module, data.train_loader("pretrain"), n)
+    path = f"{LOG[0][: -len('.jsonl')]}.parent{n}.pt" if LOG else None
+    if path and os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        module.model.load_state_dict(saved["state"])
+        return module, float(saved["seconds"]), False
+    seconds = fit(module, data.train_loader("pretrain"), n)
+    if path:
+        torch.save({"state": module.model.state_dict(), "seconds": seconds}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return module, seconds, True
 
 
 def cut_loss(parent_module: CausalLM, data: Data, ratio: float, scorer: str) -> float:
@@ -134,26 +147,26 @@ def cut_loss(parent_module: CausalLM, data: Data, ratio: float, scorer: str) -> 
 
 
 def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
+    """Issue 27's rows, the most telling first (a run cut short keeps them): ratio 0.5, then 0.3."""
     k = n // 2
-    rows = []
-    dense, seconds = parent(data, n)
-    rows.append(row("parent: dense, N steps", dense, data, n, seconds))
-    rows[-1]["module"] = dense  # the dense model of the from-scratch setting too (popped before output)
-    for ratio in (0.3, 0.5):
+    dense, seconds, _ = parent(data, n)
+    rows = [row("parent: dense, N steps", dense, data, n, seconds)]
+    for ratio in (0.5, 0.3):
         for scorer in SCORERS:
             rows.append({"row": f"cut {ratio} by {scorer}, before training", "ratio": ratio, "scorer": scorer,
                          "val_bpb": cut_loss(dense, data, ratio, scorer)})
             log(rows[-1])
-    module = copy.deepcopy(dense)
-    module.optim = Optim(steps=k)
-    rows.append(row("dense fine-tune, K steps", module, data, n + k, fit(module, data.train_loader("finetune"), k)))
-    for ratio in (0.3, 0.5):
         module = copy.deepcopy(dense)
         module.optim = Optim(steps=k)
         prune, callbacks = halfprune(recipe_kwargs("finetune", ratio, k, **over))
         seconds = fit(module, data.train_loader("finetune"), k, callbacks)
         rows.append(row(f"HalfPrune {ratio} fine-tune, K steps", module, data, n + k, seconds, prune, ratio=ratio))
-        small = CausalLM(Arch(**rows[-1]["arch"]).build(), Optim(steps=n + k))
+        if ratio == 0.5:
+            module = copy.deepcopy(dense)
+            module.optim = Optim(steps=k)
+            seconds = fit(module, data.train_loader("finetune"), k)
+            rows.append(row("dense fine-tune, K steps", module, data, n + k, seconds))
+        small = CausalLM(Arch(**rows[-1 if ratio == 0.3 else -2]["arch"]).build(), Optim(steps=n + k))
         curve = Curve(data.val, STEPS_PER_EPOCH)
         seconds = fit(small, data.train_loader("pretrain", then_after=n), n + k, curve=curve)
         rows.append(row(f"widths of {ratio} from scratch, N+K steps", small, data, n + k, seconds, ratio=ratio,
@@ -161,11 +174,9 @@ def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
     return rows
 
 
-def scratch_rows(data: Data, n: int, over: dict, dense: CausalLM | None = None) -> list[dict]:
+def scratch_rows(data: Data, n: int, over: dict) -> list[dict]:
+    """Issue 23's rows; the dense model (the fine-tune setting's parent) is trained last if no process has it."""
     rows = []
-    if dense is None:
-        dense, seconds = parent(data, n)
-        rows.append(row("dense, N steps", dense, data, n, seconds))
     for scorer in ("l2", "minitron"):
         module = CausalLM(Arch().build(), Optim(steps=n))
         prune, callbacks = halfprune(recipe_kwargs("scratch", 0.5, n, scorer=scorer, **over))
@@ -175,31 +186,29 @@ def scratch_rows(data: Data, n: int, over: dict, dense: CausalLM | None = None) 
     small = CausalLM(arch.build(), Optim(steps=n))
     rows.append(row("widths of 0.5 from scratch, N steps", small, data, n,
                     fit(small, data.train_loader("pretrain"), n), ratio=0.5))
+    dense, seconds, trained = parent(data, n)
+    if trained:
+        rows.append(row("parent: dense, N steps", dense, data, n, seconds))
     student = CausalLM(arch.build(), Optim(steps=n), teacher=dense.model)
     rows.append(row("widths of 0.5 distilled from the dense model, N steps", student, data, n,
                     fit(student, data.train_loader("pretrain"), n), ratio=0.5))
     return rows
 
 
-def one_seed(seed: int, setting: str, n: int, over: dict, out: str) -> list[dict]:
+def one_seed(seed: int, setting: str, n: int, over: dict, out: str) -> None:
+    """One seed's rows of ``setting``, appended to ``OUT.seedS.jsonl`` as they finish."""
     import lightning.pytorch as pl
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    pl.seed_everything(seed, verbose=False)
     data = Data(seed)
     LOG[:] = [f"{out}.seed{seed}.jsonl", seed]
-    rows, dense = [], None
     if setting in ("finetune", "all"):
-        rows += finetune_rows(data, n, over)
-        dense = rows[0].pop("module")
+        pl.seed_everything(seed, verbose=False)
+        finetune_rows(data, n, over)
     if setting in ("scratch", "all"):
         pl.seed_everything(seed, verbose=False)
-        rows += scratch_rows(data, n, over, dense)
-    for r in rows:
-        r["seed"] = seed
-        r.pop("module", None)
-    return rows
+        scratch_rows(data, n, over)
 
 
 def latency(archs: dict[str, dict]) -> dict[str, float]:
@@ -219,20 +228,25 @@ def latency(archs: dict[str, dict]) -> dict[str, float]:
 
 
 def run_seeds(args: argparse.Namespace) -> None:
-    """Each seed in its own process (``--jobs`` at a time); each appends its rows to ``OUT.seedS.jsonl``."""
-    procs = []
+    """One process per (seed, setting), ``--jobs`` at a time; each appends its rows to ``OUT.seedS.jsonl``."""
+    settings = ("finetune", "scratch") if args.setting == "all" else (args.setting,)
     for seed in range(args.seeds):
-        path = f"{args.out}.seed{seed}.jsonl"
-        if os.path.exists(path):
-            os.remove(path)
-        cmd = [sys.executable, __file__, "--one-seed", str(seed), "--setting", args.setting, "--steps",
-               str(args.steps), "--recipe", args.recipe, "--out", args.out]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        if len(procs) >= args.jobs or seed == args.seeds - 1:
-            for p in procs:
-                if p.wait() != 0:
-                    print(f"a seed failed (exit {p.returncode}); the table holds the rows that finished.")
-            procs = []
+        for suffix in (".jsonl", f".parent{args.steps}.pt"):
+            if os.path.exists(f"{args.out}.seed{seed}{suffix}"):
+                os.remove(f"{args.out}.seed{seed}{suffix}")
+    tasks = [(seed, setting) for seed in range(args.seeds) for setting in settings]
+    running: list[subprocess.Popen] = []
+    while tasks or running:
+        while tasks and len(running) < args.jobs:
+            seed, setting = tasks.pop(0)
+            cmd = [sys.executable, __file__, "--one-seed", str(seed), "--setting", setting, "--steps",
+                   str(args.steps), "--recipe", args.recipe, "--out", args.out]
+            running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        time.sleep(1)
+        for p in [p for p in running if p.poll() is not None]:
+            running.remove(p)
+            if p.returncode != 0:
+                print(f"{' '.join(p.args[2:])} failed (exit {p.returncode}); the table holds the rows that finished.")
 
 
 def main() -> None:
@@ -240,7 +254,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--setting", choices=("scratch", "finetune", "all"), default="all")
     parser.add_argument("--steps", type=int, default=400, help="N: the parent's / from-scratch steps (K = N/2)")
-    parser.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes, one thread each")
+    parser.add_argument("--jobs", type=int, default=4, help="processes (seed x setting) at a time, 1 thread each")
     parser.add_argument("--recipe", default="{}", help="JSON overrides of the recipe's HalfPrune kwargs")
     parser.add_argument("--out", default=os.path.join(HERE, "lm"), help="writes OUT.json and OUT.md")
     parser.add_argument("--collect", action="store_true", help="only build the table from OUT.seed*.jsonl")

@@ -6,6 +6,7 @@
 from lightning_halfprune import plain_load
 from lightning_halfprune.callback import HalfPrune
 from lightning_halfprune.checkpoint import CheckpointError, export, load_pruned
+from lightning_halfprune.core.minitron import MinitronScorer
 from lightning_halfprune.core.scoring import (
     SCORERS,
     ActivationScorer,
@@ -36,6 +37,7 @@ __all__ = [
     "Linear",
     "export",
     "load_pruned",
+    "MinitronScorer",
     "ModelStats",
     "OneShot",
     "PruneReport",
