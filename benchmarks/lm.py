@@ -37,14 +37,15 @@ SCORERS = ("l2", "taylor", "activation", "minitron")
 def recipe_kwargs(setting: str, ratio: float, steps: int, **over) -> dict:
     """The ``HalfPrune`` keyword arguments of each setting's recipe: the one place to adapt to API changes."""
     from lightning_halfprune import Schedule, presets
+    from lightning_halfprune.options import Distill
 
-    quiet = {"verbose": False, "latency_batch_size": 0}
+    quiet = {"verbose": False, "timing": None}
     if setting == "finetune":
         return {**presets.finetuning(ratio, **over), **quiet}
     epochs = steps // STEPS_PER_EPOCH  # the MNIST-1D recipe, in epochs of 50 steps
     schedule = Schedule.cubic(start=epochs // 6, end=epochs // 2, ratio=ratio, every=1)
-    kwargs = {"schedule": schedule, "scorer": "l2", "distill_alpha": 1.0, "distill_temperature": 2.0,
-              "distill_teacher": "each", "distill_epochs": 2}
+    kwargs = {"schedule": schedule, "scorer": "l2", "distill": Distill(alpha=1.0, temperature=2.0, teacher="each",
+                                                                        epochs=2)}
     return {**kwargs, **over, **quiet}
 
 

@@ -14,6 +14,7 @@ from lightning_halfprune import HalfPrune, Schedule
 from lightning_halfprune.core.minitron import MinitronScorer
 from lightning_halfprune.core.scoring import SCORERS, get_scorer
 from lightning_halfprune.core.surgeon import Surgeon
+from lightning_halfprune.options import Calibration
 
 VOCAB, SEQ = 64, 16
 
@@ -103,8 +104,8 @@ def test_minitron_in_a_real_fit() -> None:
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
     module = LM()
-    prune = HalfPrune(Schedule({2: 0.5}, interval="step"), scorer="minitron", scoring_batches=2, verbose=False,
-                      latency_batch_size=0)
+    prune = HalfPrune(Schedule({2: 0.5}, interval="step"), scorer="minitron", calibration=Calibration(batches=2),
+                      verbose=False, timing=None)
     trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[prune])
     trainer.fit(module, DataLoader(tokens(), batch_size=8))

@@ -17,7 +17,9 @@ from lightning_halfprune.fit.rewarm import RewarmAfterCut, Rewarmer
 def test_finetuning_preset_builds_a_halfprune() -> None:
     kwargs = presets.finetuning(0.5)
     assert kwargs["schedule"] == Schedule({5: 0.5}, interval="step")
-    assert kwargs["distill_alpha"] == 1.0 and kwargs["distill_teacher"] == "first" and kwargs["distill_epochs"] is None
+    distill = kwargs["distill"]
+    assert distill.alpha == 1.0 and distill.teacher == "first" and distill.epochs is None
+    assert kwargs["calibration"].batches == 8
     assert kwargs["rewarm_steps"] == 30
     rewarm = kwargs.pop("rewarm_steps")
     prune = HalfPrune(**kwargs)
@@ -80,7 +82,7 @@ def test_rewarm_after_cut_in_a_real_fit() -> None:
     model = Net()
     kwargs = presets.finetuning(0.5, at_step=2, rewarm_steps=3, scorer="l2")
     rewarm = kwargs.pop("rewarm_steps")
-    prune = HalfPrune(**{**kwargs, "verbose": False, "latency_batch_size": 0})
+    prune = HalfPrune(**{**kwargs, "verbose": False, "timing": None})
     trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[prune, RewarmAfterCut(prune, rewarm)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_halfprune.options import Calibration, Distill
 from lightning_halfprune.schedule import Schedule
 
 __all__ = ["finetuning"]
@@ -53,11 +54,8 @@ def finetuning(
     kwargs: dict[str, Any] = {
         "schedule": Schedule({at_step: float(ratio)}, interval="step"),
         "scorer": scorer,
-        "scoring_batches": scoring_batches,
-        "distill_alpha": distill_alpha,
-        "distill_temperature": distill_temperature,
-        "distill_teacher": "first",
-        "distill_epochs": None,
+        "calibration": Calibration(batches=scoring_batches),
+        "distill": Distill(alpha=distill_alpha, temperature=distill_temperature, teacher="first", epochs=None),
         "rewarm_steps": rewarm_steps,
     }
     kwargs.update(overrides)
