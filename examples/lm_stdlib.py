@@ -25,9 +25,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from lm_task import Arch, CausalLM, Data, Optim, evaluate, trainer  # noqa: E402
 
-from lightning_halfprune import HalfPrune, presets  # noqa: E402
+from lightning_halfprune import presets  # noqa: E402
 from lightning_halfprune.core.measure import MacCounter, count_params  # noqa: E402
-from lightning_halfprune.fit.rewarm import RewarmAfterCut  # noqa: E402
 
 
 def main() -> None:
@@ -53,10 +52,8 @@ def main() -> None:
 
     pruned = copy.deepcopy(parent)
     pruned.optim = Optim(steps=k)
-    kwargs = presets.finetuning(args.ratio)
-    rewarm = kwargs.pop("rewarm_steps")  # a HalfPrune argument once the callback takes it
-    prune = HalfPrune(**kwargs)
-    trainer(k, [prune, RewarmAfterCut(prune, rewarm)]).fit(pruned, data.train_loader("finetune"))
+    callbacks = presets.finetuning_callbacks(args.ratio)  # HalfPrune and the LR re-warm-up after its cut
+    trainer(k, callbacks).fit(pruned, data.train_loader("finetune"))
     results[f"HalfPrune {args.ratio} fine-tune"] = pruned
 
     macs = MacCounter()

@@ -89,3 +89,13 @@ def test_rewarm_after_cut_in_a_real_fit() -> None:
     trainer.fit(model, DataLoader(data, batch_size=8))
     assert model.net[0].out_features == 8
     assert model.lrs == pytest.approx([1e-2, 1e-2, 0.25e-2, 0.5e-2, 0.75e-2, 1e-2, 1e-2, 1e-2])
+
+
+def test_finetuning_callbacks_are_halfprune_and_the_rewarm_up():
+    from lightning_halfprune import HalfPrune, presets
+    from lightning_halfprune.fit.rewarm import RewarmAfterCut
+
+    prune, rewarm = presets.finetuning_callbacks(0.3)
+    assert isinstance(prune, HalfPrune) and isinstance(rewarm, RewarmAfterCut)
+    assert prune.schedule.points == {5: 0.3} and prune.options.distill is not None
+    assert len(presets.finetuning_callbacks(0.5, rewarm_steps=0)) == 1

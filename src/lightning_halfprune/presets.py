@@ -14,7 +14,7 @@ from typing import Any
 from lightning_halfprune.options import Calibration, Distill
 from lightning_halfprune.schedule import Schedule
 
-__all__ = ["finetuning"]
+__all__ = ["finetuning", "finetuning_callbacks"]
 
 
 def finetuning(
@@ -44,8 +44,8 @@ def finetuning(
         **overrides: any other ``HalfPrune`` argument, or one of the above by name, taking precedence.
 
     Returns:
-        A dict for ``HalfPrune(**kwargs)``. ``rewarm_steps`` is a ``HalfPrune`` argument once the callback takes
-        it; until then pass it to :class:`lightning_halfprune.fit.rewarm.RewarmAfterCut` instead.
+        A dict for ``HalfPrune(**kwargs)``, with ``rewarm_steps`` for ``fit.rewarm.RewarmAfterCut`` (pop it
+        first; :func:`finetuning_callbacks` builds both).
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
         raise ValueError(f"`ratio` must be a fraction in (0, 1) of the channels to remove, got {ratio!r}.")
@@ -60,3 +60,17 @@ def finetuning(
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def finetuning_callbacks(ratio: float = 0.5, **kwargs: Any) -> list:
+    """The callbacks of :func:`finetuning`: ``[HalfPrune(...), RewarmAfterCut(...)]`` (the latter if it re-warms).
+
+    ``Trainer(callbacks=presets.finetuning_callbacks(0.5))``; ``kwargs`` as for :func:`finetuning`.
+    """
+    from lightning_halfprune.callback import HalfPrune
+    from lightning_halfprune.fit.rewarm import RewarmAfterCut
+
+    arguments = finetuning(ratio, **kwargs)
+    rewarm = arguments.pop("rewarm_steps")
+    prune = HalfPrune(**arguments)
+    return [prune, RewarmAfterCut(prune, rewarm)] if rewarm else [prune]
