@@ -35,18 +35,22 @@ from torch import nn
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import layers
+from lightning_halfprune.core import attention_layouts as layouts
+from lightning_halfprune.core import head_params, layers
 from lightning_halfprune.core.layers import in_width, out_width
 
 AttentionMode = Literal["heads", "head_dim", "both", "none"]
 ATTENTION_MODES = ("heads", "head_dim", "both", "none")
 
-_FUSED = ("qkv", "c_attn", "in_proj", "Wqkv", "qkv_proj")
-_SEPARATE = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"))
-_OUTPUT = ("o_proj", "out_proj", "out_lin", "c_proj", "proj", "o", "dense")
+_FUSED = ("qkv", "c_attn", "in_proj", "Wqkv", "qkv_proj", "query_key_value")  # layouts: attention_layouts.py
+_SEPARATE = (
+    ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"),
+    ("query_proj", "key_proj", "value_proj"),
+)
+_OUTPUT = ("o_proj", "out_proj", "out_lin", "c_proj", "proj", "o", "dense", "Wo")
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads")
-_HEAD_DIM = ("head_dim", "attention_head_size", "d_head", "head_size")
+_HEAD_DIM = ("head_dim", "attention_head_size", "d_head", "head_size", "key_value_proj_dim")
 
 
 class AttentionError(RuntimeError):
@@ -93,6 +97,10 @@ class AttentionSpec:
     head_dim: int
     rope: bool
     root_name: str
+    layout: str = layouts.BLOCKED  # rows of a fused q/k/v projection (attention_layouts.py)
+    extras: tuple = ()  # (layer, "q" | "kv"): more per-head projections (DeBERTa-v2's position projections)
+    locked: str | None = None  # why heads cannot be removed (cut by head dims instead)
+    uncut: str | None = None  # why the module is left uncut (an ambiguous fused layout)
 
     @property
     def root(self) -> nn.Module:
@@ -100,7 +108,17 @@ class AttentionSpec:
 
     @property
     def inputs(self) -> list[nn.Module]:
-        return [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+        own = [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+        return own + [layer for layer, _ in self.extras]
+
+    @property
+    def unit_heads(self) -> int:
+        """Query heads a head cut removes together: a key/value group, or one head with a single shared KV (MQA)."""
+        return 1 if self.num_kv_heads == 1 else self.group_size
+
+    @property
+    def units(self) -> int:
+        return self.num_heads // self.unit_heads
 
     @property
     def group_size(self) -> int:
@@ -189,8 +207,10 @@ def _spec(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> Attent
         return None
     if heads % kv or in_width(output[1]) != heads * head_dim:
         return None
-    rope = "position_embeddings" in _forward_params(module) or hasattr(module, "rotary_emb")
-    return AttentionSpec(name, module, q, k, v, qkv, output[1], heads, kv, head_dim, rope, root_name)
+    params = _forward_params(module)
+    rope = "position_embeddings" in params or hasattr(module, "rotary_emb")
+    spec = AttentionSpec(name, module, q, k, v, qkv, output[1], heads, kv, head_dim, rope, root_name)
+    return layouts.refine(spec, params)
 
 
 def _forward_params(module: nn.Module) -> Sequence[str]:
@@ -247,11 +267,13 @@ def plan(
     shrink to (from ``max_layer_ratio``). Whole key/value groups (heads) or uniform head-dim offsets only.
     """
     q_scores = q_space(spec, scores)  # (heads, head_dim)
-    if mode == "head_dim" and spec.rope:
+    if mode in ("head_dim", "both") and spec.rope:
         mode = "heads"
-    if mode == "both" and spec.rope:
-        mode = "heads"
-    units = spec.num_kv_heads
+    if spec.locked is not None and mode in ("heads", "both"):
+        if spec.rope:
+            return []
+        mode = "head_dim"
+    units = spec.units
     keep_units, keep_dims = units, spec.head_dim
     if mode == "heads":
         keep_units = _clamp(round(units * keep_fraction), units, floor_fraction)
@@ -260,24 +282,24 @@ def plan(
     else:  # both
         axis = math.sqrt(keep_fraction)  # heads rounded up, so that with few heads the head dims take the rest
         keep_units = _clamp(math.ceil(units * axis - 1e-9), units, math.sqrt(floor_fraction))
-        keep_dims = _clamp(round(spec.q_width * keep_fraction / (keep_units * spec.group_size)), spec.head_dim,
+        keep_dims = _clamp(round(spec.q_width * keep_fraction / (keep_units * spec.unit_heads)), spec.head_dim,
                            math.sqrt(floor_fraction))
     unit_scores = q_scores.view(units, -1).mean(1)
     drop_units = torch.argsort(unit_scores, stable=True)[: units - keep_units].tolist()
-    kept_heads = [h for h in range(spec.num_heads) if h // spec.group_size not in drop_units]
+    kept_heads = [h for h in range(spec.num_heads) if h // spec.unit_heads not in drop_units]
     dim_scores = q_scores[kept_heads].mean(0)
     drop_dims = set(torch.argsort(dim_scores, stable=True)[: spec.head_dim - keep_dims].tolist())
     removed = [
         h * spec.head_dim + d
         for h in range(spec.num_heads)
         for d in range(spec.head_dim)
-        if h // spec.group_size in drop_units or d in drop_dims
+        if h // spec.unit_heads in drop_units or d in drop_dims
     ]
     if spec.qkv is None or not removed:
         return removed
     kv = sorted(_kv_removed(spec, removed))
     qw, kw = spec.q_width, spec.num_kv_heads * spec.head_dim
-    return removed + [qw + c for c in kv] + [qw + kw + c for c in kv]
+    return layouts.to_physical(spec, removed + [qw + c for c in kv] + [qw + kw + c for c in kv])
 
 
 def _clamp(keep: int, current: int, floor_fraction: float) -> int:
@@ -287,6 +309,7 @@ def _clamp(keep: int, current: int, floor_fraction: float) -> int:
 def q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
     """Scores as (heads, head_dim); a fused q|k|v layer adds k and v scores to every query head that reads them."""
     qw, kw, d = spec.q_width, spec.num_kv_heads * spec.head_dim, spec.head_dim
+    scores = layouts.to_logical(spec, scores)
     q = scores[:qw].view(spec.num_heads, d)
     if spec.qkv is None:
         return q
@@ -297,6 +320,13 @@ def q_space(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ cutting
 def prune(spec: AttentionSpec, channels: Sequence[int]) -> None:
     """Remove root channels ``channels`` (whole heads and/or the same head-dim offsets) from every projection."""
+    if spec.uncut is not None:
+        raise AttentionError(layouts.ambiguous_message(spec))
+    physical = sorted({int(c) for c in channels})
+    try:
+        channels = layouts.from_physical(spec, physical)
+    except KeyError as err:
+        raise AttentionError(f"the cut of {spec.root_name!r} names rows {physical} outside its width.") from err
     q_removed = sorted({int(c) for c in channels if int(c) < spec.q_width})
     heads, dims = _decode(spec, q_removed)
     if dims and spec.rope:
@@ -307,15 +337,15 @@ def prune(spec: AttentionSpec, channels: Sequence[int]) -> None:
         expected = q_removed + [qw + c for c in kv_removed] + [qw + kw + c for c in kv_removed]
         if sorted({int(c) for c in channels}) != expected:
             raise AttentionError(f"the cut of {spec.root_name!r} removes different channels of q, k and v.")
-        layers.pruner(spec.qkv).prune_out_channels(spec.qkv, expected)
+        layers.pruner(spec.qkv).prune_out_channels(spec.qkv, layouts.to_physical(spec, expected))
     else:
         for layer, removed in ((spec.q, q_removed), (spec.k, kv_removed), (spec.v, kv_removed)):
             if removed:
                 layers.pruner(layer).prune_out_channels(layer, removed)
     layers.pruner(spec.o).prune_in_channels(spec.o, q_removed)
-    _slice_head_params(spec, heads)
-    sync(spec, spec.num_heads - len(heads), spec.num_kv_heads - len(heads) // spec.group_size,
-         spec.head_dim - len(dims))
+    head_params.follow(spec, heads, dims, q_removed, kv_removed)
+    kv_left = len({h // spec.group_size for h in range(spec.num_heads) if h not in set(heads)})
+    sync(spec, spec.num_heads - len(heads), kv_left, spec.head_dim - len(dims))
 
 
 def _decode(spec: AttentionSpec, q_removed: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -331,12 +361,14 @@ def _decode(spec: AttentionSpec, q_removed: Sequence[int]) -> tuple[list[int], l
             f"the cut of {spec.root_name!r} would mix attention heads: its channels are neither whole heads nor the "
             "same head-dim offsets in every head."
         )
-    groups = {h // spec.group_size for h in heads}
-    if len(heads) != len(groups) * spec.group_size:
+    groups = {h // spec.unit_heads for h in heads}
+    if len(heads) != len(groups) * spec.unit_heads:
         raise AttentionError(
             f"the cut of {spec.root_name!r} removes query heads {heads} that do not form whole key/value groups of "
-            f"{spec.group_size}."
+            f"{spec.unit_heads}."
         )
+    if heads and spec.locked is not None:
+        raise AttentionError(f"the heads of {spec.name!r} cannot be removed: {spec.locked}.")
     return heads, dims
 
 
@@ -350,16 +382,6 @@ def _kv_removed(spec: AttentionSpec, q_removed: Sequence[int]) -> set[int]:
             if all((kv_head * g + r) * d + j in removed for r in range(g)):
                 out.add(kv_head * d + j)
     return out
-
-
-def _slice_head_params(spec: AttentionSpec, heads: Sequence[int]) -> None:
-    """Per-head parameters of the module itself (Swin's relative position bias table), sliced like the heads."""
-    if not heads:
-        return
-    keep = [h for h in range(spec.num_heads) if h not in set(heads)]
-    for pname, param in list(spec.module._parameters.items()):
-        if param is not None and param.dim() >= 1 and param.shape[-1] == spec.num_heads and pname != "weight":
-            setattr(spec.module, pname, tpc.prune_parameter(param, keep, param.dim() - 1))
 
 
 _SYNCED = {

@@ -179,6 +179,30 @@ def inconsistent(graph: tp.DependencyGraph, group: Any) -> bool:
     return False
 
 
+def cuts_residual_stream(graph: tp.DependencyGraph, group: Any, stream: set[nn.Module]) -> bool:
+    """True (with a warning naming the group) if the group would change the width of the residual stream.
+
+    ``stream`` (``residual.stream_modules``): attention output projections, embeddings and norms of the hidden size.
+    A projection counts when its output channels would go; an embedding or a norm whenever it is in the group.
+    """
+    hit = sorted(
+        graph._module2name.get(m, type(m).__name__)
+        for dep, _ in group
+        if (m := dep.target.module) in stream
+        and (not isinstance(m, ROOT_TYPES) or graph.is_out_channel_pruning_fn(dep.handler))
+    )
+    if not hit:
+        return False
+    warnings.warn(
+        f"HalfPrune leaves the channels of {graph._module2name.get(group[0].dep.target.module)!r} alone: cutting them "
+        f"would change the residual stream (hidden size) of the model, through {hit[:4]}"
+        f"{' and more' if len(hit) > 4 else ''}; `prune_hidden_size=False` (the default) keeps it. Pass "
+        "`prune_hidden_size=True` to cut the hidden size too.",
+        stacklevel=2,
+    )
+    return True
+
+
 def shared_parameter_holders(model: nn.Module) -> dict[int, set[nn.Module]]:
     """Tied parameters (an embedding shared with an LM head, ...): parameter id -> every module holding it."""
     holders: dict[int, set[nn.Module]] = {}

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import layers, moe
+from lightning_halfprune.core import head_config, layers, moe
 
 # the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
 _MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")
@@ -24,7 +24,8 @@ _MLP_GATE_UP = (".mlp.gate_up_proj",)  # gate and up projection in one layer (Ph
 def sync(model: nn.Module) -> None:
     """Write the current widths of ``model`` into every Hugging Face config inside it."""
     for owner, config in _configs(model):
-        _sync_heads(config, [s for s in attn.find_attention(owner) if getattr(s.module, "config", config) is config])
+        specs = attn.find_attention(owner)  # a config of its own, or else the outer one over all (T5's stacks copy it)
+        _sync_heads(config, [s for s in specs if getattr(s.module, "config", config) is config] or specs)
         _sync_mlp(config, owner)
         moe.sync_config(config, owner)
         _sync_hidden(config, owner)
@@ -51,13 +52,11 @@ def _set_if_agreed(config: Any, names: tuple[str, ...], values: set[int]) -> Non
 
 
 def _sync_heads(config: Any, specs: list[attn.AttentionSpec]) -> None:
+    head_config.sync_heads(config, specs)  # per stack (Whisper), Falcon's num_kv_heads, T5's d_kv
     shapes = {(s.num_heads, s.num_kv_heads, s.head_dim) for s in specs}
     if len(shapes) != 1:
         return
     heads, kv, head_dim = shapes.pop()
-    _set_if_agreed(config, ("num_attention_heads", "n_head"), {heads})
-    _set_if_agreed(config, ("num_key_value_heads",), {kv})
-    _set_if_agreed(config, ("head_dim",), {head_dim})
     derived = getattr(config, "hidden_size", head_dim * heads) // heads
     if getattr(config, "head_dim", None) is None and head_dim != derived:
         config.head_dim = head_dim  # absent or None reads as hidden_size / heads (Mixtral, Qwen2-MoE): no longer true

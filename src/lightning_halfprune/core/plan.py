@@ -30,7 +30,7 @@ class Cut:
 
 def _head_units(spec: attn.AttentionSpec, scores: torch.Tensor | None) -> torch.Tensor | None:
     """One score per key/value group (the heads that go together), from an attention group's root scores."""
-    return None if scores is None else attn.q_space(spec, scores).view(spec.num_kv_heads, -1).mean(1)
+    return None if scores is None else attn.q_space(spec, scores).view(spec.units, -1).mean(1)
 
 
 def _score_or_magnitude(g: ChannelGroup, score: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
@@ -185,7 +185,7 @@ class Planner:
         total_now = sum(g.width for g, _ in scored) + sum(g.attention.q_width for g, _ in heads)
         to_remove = total_now - int(math.floor(total_original * (1 - ratio) + 0.5))
         keep = {g.name: g.width for g, _ in scored}
-        units = {g.name: g.attention.num_kv_heads for g, _ in heads}
+        units = {g.name: g.attention.units for g, _ in heads}
         candidates = sorted(
             [
                 (float(s) / (float(scores.mean()) + 1e-12), i, False)
@@ -205,7 +205,7 @@ class Planner:
                 break
             if is_head:
                 g = heads[i][0]
-                size = g.attention.q_width // g.attention.num_kv_heads
+                size = g.attention.q_width // g.attention.units
                 floor = max(1, math.ceil(q_original[g.name] / size * (1 - self.max_layer_ratio) - 1e-9))
                 if units[g.name] - 1 >= floor:
                     units[g.name] -= 1
@@ -216,4 +216,4 @@ class Planner:
                 keep[g.name] -= g.slots
                 to_remove -= g.slots
         kept = {g.name: self._fit(g, keep[g.name]) if self.round_to else keep[g.name] for g, _ in scored}
-        return kept, {g.name: units[g.name] / g.attention.num_kv_heads for g, _ in heads}
+        return kept, {g.name: units[g.name] / g.attention.units for g, _ in heads}

@@ -8,6 +8,7 @@ consistent. Scores come from a scorer (``scoring.py``); *how many* channels go i
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import hf_config, layers, moe
+from lightning_halfprune.core import attention_layouts, hf_config, layers, moe, residual
 from lightning_halfprune.core.cut import (
     DryRun,
     ParamRemap,
@@ -33,12 +34,12 @@ from lightning_halfprune.core.cut import (
 from lightning_halfprune.core.graph import (
     ROOT_TYPES,
     ChannelGroup,
+    cuts_residual_stream,
     graph_safe,
     inconsistent,
     module_by_name,
     output_tensors,
     plain_tensors,
-    prunes_out,
     reaches_output,
     run_model,
     shared_parameter_holders,
@@ -152,7 +153,7 @@ class Surgeon:
         # from them through rotary embeddings is what made torch-pruning hang on Llama
         experts = moe.find_experts(self.model)  # routed experts: cut by moe.py, never roots of the graph's groups
         not_roots = ignored + [m for s in specs for m in s.inputs] + moe.not_roots(self.model, experts)
-        outputs = {s.o for s in specs}
+        stream = set() if self.prune_hidden_size else residual.stream_modules(self.model, specs)
         pruners = layers.customized_pruners(self.model)  # a norm's pruner (is_root False) never roots a group
         roots = ROOT_TYPES + tuple(t for t, p in pruners.items() if getattr(p, "is_root", True))
         holders = shared_parameter_holders(self.model)
@@ -160,7 +161,7 @@ class Surgeon:
         for group in all_groups(graph, self.model, not_roots, roots):
             if reaches_output(graph, group):
                 continue
-            if outputs and not self.prune_hidden_size and prunes_out(graph, group, outputs):
+            if stream and cuts_residual_stream(graph, group, stream):
                 continue  # the residual stream of a transformer: left alone unless asked
             if inconsistent(graph, group) or unties(graph, group, holders):
                 continue
@@ -171,6 +172,9 @@ class Surgeon:
         if self.attention != "none":
             for s in specs:
                 if s.root in ignored or s.module in ignored or s.root not in graph.module2node:
+                    continue
+                if s.uncut is not None:  # an ambiguous fused layout: its projections are not roots either
+                    warnings.warn(attention_layouts.ambiguous_message(s), stacklevel=2)
                     continue
                 found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), layers.out_width(s.root), 1, s))
         run = lambda: checked_forward(self.model, self.example_input)  # noqa: E731 - ranks experts by routing

@@ -1,0 +1,146 @@
+"""Where each head's rows sit in a fused q/k/v projection, and which attention modules cannot be cut head-wise.
+
+``attention.py`` reasons about a fused projection in one *logical* order, blocked: all query rows (head by head),
+then all key rows, then all value rows. The real (*physical*) order depends on the model:
+
+* ``"blocked"``: q | k | v (timm/ViT ``qkv``, GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, ModernBERT ``Wqkv``, Falcon
+  multi-query: all query heads, then the one key head, then the one value head).
+* ``"grouped"``: per key/value group, its query heads, then its key head, then its value head (Falcon's
+  ``new_decoder_architecture``). With one query head per key/value head this is the per-head interleaved layout of
+  GPT-NeoX, Bloom and the older Falcon (``[head][q, k, v][head_dim]``).
+
+A layout maps logical channels to physical rows, so scores, plans and cuts stay in one place (``attention.py``)
+whatever the layout. A fused projection of an attention class whose layout is not known to be one of these (a
+sharded layout such as CodeGen's) is *ambiguous*: it is left uncut with a warning, since a wrong guess would mix
+heads silently while the forward still runs.
+
+Heads that cannot be removed: a per-head position bias computed once and passed from layer to layer (T5's
+``relative_attention_bias``, ``position_bias``) would stop matching a layer that lost heads; such modules are cut by
+head dims instead (the bias is per head, not per offset), which keeps every head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_halfprune.core.attention import AttentionSpec
+
+BLOCKED, GROUPED = "blocked", "grouped"
+
+# attention classes whose fused projection interleaves q, k and v per head: [head][q, k, v][head_dim]
+_INTERLEAVED = frozenset({"GPTNeoXAttention", "GPTNeoXJapaneseAttention", "BloomAttention", "PersimmonAttention"})
+# attention classes with a fused projection in a layout none of the above describes
+_AMBIGUOUS = {
+    "CodeGenAttention": "its fused `qkv_proj` is sharded in `mp_num` blocks",
+    "DisentangledSelfAttention": "DeBERTa (v1)'s fused `in_proj` interleaves q, k and v per head in its own way",
+}
+# per-head projections besides q/k/v: DeBERTa-v2's relative position projections (out: all heads x head_dim)
+EXTRA_QUERY = ("pos_query_proj",)
+EXTRA_KEY = ("pos_key_proj",)
+
+
+def fused_layout(module: nn.Module, heads: int, kv: int) -> tuple[str | None, str | None]:
+    """(layout, None), or (None, why) when the fused projection's layout is ambiguous."""
+    cls = type(module).__name__
+    if cls in _AMBIGUOUS:
+        return None, _AMBIGUOUS[cls]
+    if hasattr(module, "new_decoder_architecture") and hasattr(module, "multi_query"):  # Falcon
+        if module.new_decoder_architecture:
+            return GROUPED, None
+        return (BLOCKED, None) if module.multi_query else (GROUPED, None)
+    if cls in _INTERLEAVED:
+        return (GROUPED, None) if kv == heads else (None, f"{cls} interleaves q, k and v per head but has GQA")
+    return BLOCKED, None
+
+
+def rows(layout: str, heads: int, kv: int, head_dim: int) -> list[int]:
+    """``rows[logical] = physical``: the row of the fused weight that holds each blocked (q | k | v) channel."""
+    d = head_dim
+    if layout == BLOCKED:
+        return list(range((heads + 2 * kv) * d))
+    g = heads // kv
+    unit = (g + 2) * d
+    q = [(h // g) * unit + (h % g) * d + j for h in range(heads) for j in range(d)]
+    k = [i * unit + g * d + j for i in range(kv) for j in range(d)]
+    v = [i * unit + (g + 1) * d + j for i in range(kv) for j in range(d)]
+    return q + k + v
+
+
+def _rows(spec: AttentionSpec) -> list[int]:
+    return rows(spec.layout, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+
+
+def to_logical(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
+    """A fused projection's per-row scores in blocked (q | k | v) order."""
+    if spec.qkv is None or spec.layout == BLOCKED:
+        return scores
+    return scores[torch.as_tensor(_rows(spec), device=scores.device)]
+
+
+def to_physical(spec: AttentionSpec, logical: Sequence[int]) -> list[int]:
+    """Blocked channels of the fused projection -> its rows (sorted)."""
+    if spec.qkv is None or spec.layout == BLOCKED:
+        return [int(c) for c in logical]
+    table = _rows(spec)
+    return sorted(table[int(c)] for c in logical)
+
+
+def from_physical(spec: AttentionSpec, physical: Sequence[int]) -> list[int]:
+    """Rows of the fused projection -> blocked channels (sorted); a row out of range is an ``IndexError``."""
+    if spec.qkv is None or spec.layout == BLOCKED:
+        return sorted(int(c) for c in physical)
+    inverse = {p: logical for logical, p in enumerate(_rows(spec))}
+    return sorted(inverse[int(c)] for c in physical)
+
+
+def extras(module: nn.Module, q_width: int) -> tuple[tuple[nn.Module, str], ...]:
+    """Per-head projections of ``module`` besides q/k/v, with the side they follow (``"q"`` or ``"kv"``)."""
+    found = []
+    for names, side in ((EXTRA_QUERY, "q"), (EXTRA_KEY, "kv")):
+        for n in names:
+            child = module._modules.get(n)
+            if isinstance(child, nn.Linear) and child.out_features == q_width:
+                found.append((child, side))
+    return tuple(found)
+
+
+def locked_heads(module: nn.Module, forward_params: Sequence[str]) -> str | None:
+    """Why the heads of ``module`` must all stay (they are cut by head dims instead), or None."""
+    if "position_bias" in forward_params or hasattr(module, "has_relative_attention_bias"):
+        return (
+            "its per-head relative position bias is computed once and shared with the other layers (T5-style), "
+            "so every layer keeps its heads and is cut by head dims instead"
+        )
+    return None
+
+
+def refine(spec: AttentionSpec, forward_params: Sequence[str]) -> AttentionSpec:
+    """Fill a found spec's layout, extra per-head projections and head lock, or mark it ambiguous (uncut)."""
+    if spec.qkv is not None:
+        layout, why = fused_layout(spec.module, spec.num_heads, spec.num_kv_heads)
+        spec.layout = layout or BLOCKED
+        spec.uncut = why
+    spec.extras = extras(spec.module, spec.q_width)
+    spec.locked = locked_heads(spec.module, forward_params)
+    return spec
+
+
+def ambiguous_message(spec: AttentionSpec) -> str:
+    return (
+        f"HalfPrune leaves the attention heads of {spec.name!r} ({type(spec.module).__name__}) uncut: {spec.uncut}; "
+        f"cutting its rows with a guessed layout would mix heads. Its projections are not cut at all (put "
+        f"{spec.name!r} in `ignored_layers` to silence this)."
+    )
+
+
+def describe(spec: AttentionSpec) -> dict[str, Any]:
+    """The head structure of one attention module, for reports and tests."""
+    return {
+        "name": spec.name, "heads": spec.num_heads, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+        "layout": spec.layout if spec.qkv is not None else "separate", "uncut": spec.uncut, "locked": spec.locked,
+    }

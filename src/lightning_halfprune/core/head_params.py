@@ -1,0 +1,162 @@
+"""Per-head parameters travel with their head: bias tables, q/k biases and norms, extra projections, ALiBi.
+
+torch-pruning's graph never sees these (they live behind the reshape into heads), so ``attention.prune`` slices
+them here, with the same heads and head-dim offsets it removes from the projections:
+
+* the attention module's own parameters: a table with one column per head (Swin/BEiT relative position bias), a
+  vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/v biases (BEiT's
+  ``q_bias``/``v_bias``, one entry per query or key/value channel);
+* its normalisation children (q/k norms): per-head-dim norms are sliced only when head dims go; per-channel norms
+  over all heads (OLMo-2) and ``(heads, head_dim)`` norms (Cohere) lose the removed heads;
+* extra per-head projections (DeBERTa-v2's ``pos_query_proj``/``pos_key_proj``);
+* ALiBi: the slopes depend on the head count (Bloom builds them from ``n_head`` in the model, Falcon adds them to
+  the attention mask). The model keeps building them for its original heads, and a forward pre-hook on each cut
+  attention module hands it the slopes of the heads it kept, so every kept head keeps its own slope.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_halfprune._compat import torch_pruning as tpc
+from lightning_halfprune.core import layers
+
+if TYPE_CHECKING:
+    from lightning_halfprune.core.attention import AttentionSpec
+
+KEPT = "_halfprune_kept_heads"  # original indices of the heads a module still has (ALiBi); a fresh list per cut
+ALL = "_halfprune_all_heads"  # the head count the model builds its ALiBi slopes for
+
+
+def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_removed: Sequence[int],
+           kv_removed: Sequence[int]) -> None:
+    """Slice every per-head parameter of ``spec.module`` like the projections (before ``attention.sync``)."""
+    d, h, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    q_keep = _kept(h * d, q_removed)
+    kv_keep = _kept(kv * d, kv_removed)
+    head_keep = _kept(h, heads)
+    dim_keep = _kept(d, dims)
+    for layer, side in spec.extras:
+        removed = q_removed if side == "q" or kv == h else None
+        if removed is None:
+            raise ValueError(f"{spec.name!r}: a per-head projection follows key/value heads under GQA.")
+        if removed:
+            layers.pruner(layer).prune_out_channels(layer, list(removed))
+    if q_removed:
+        _own_params(spec.module, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
+    skip = {id(m) for m in (spec.q, spec.k, spec.v, spec.qkv, spec.o, *(e for e, _ in spec.extras)) if m is not None}
+    for child in spec.module.children():
+        if id(child) not in skip and not any(True for _ in child.children()):
+            _norm(child, h, d, kv, head_keep, dim_keep, q_keep, kv_keep, bool(heads), bool(dims))
+    if heads and _uses_alibi(spec.module):
+        _follow_alibi(spec.module, h, head_keep)
+
+
+def _kept(width: int, removed: Sequence[int]) -> list[int]:
+    gone = {int(c) for c in removed}
+    return [i for i in range(width) if i not in gone]
+
+
+def _slice(param: torch.Tensor, keep: list[int], dim: int) -> torch.Tensor:
+    return tpc.prune_parameter(param, keep, dim)
+
+
+def _own_params(module: nn.Module, heads: int, widths: tuple[int, int], head_keep: list[int], q_keep: list[int],
+                kv_keep: list[int], heads_cut: bool) -> None:
+    q_width, kv_width = widths
+    for pname, param in list(module._parameters.items()):
+        if param is None or param.dim() == 0 or pname == "weight":
+            continue
+        if heads_cut and param.shape[-1] == heads:  # a table with one column per head (relative position bias)
+            setattr(module, pname, _slice(param, head_keep, param.dim() - 1))
+        elif heads_cut and param.shape[0] == heads:  # one entry (or row) per head: gates, temperatures, slopes
+            setattr(module, pname, _slice(param, head_keep, 0))
+        elif param.dim() == 1 and pname.startswith("q_") and param.shape[0] == q_width:  # BEiT's q_bias
+            setattr(module, pname, _slice(param, q_keep, 0))
+        elif param.dim() == 1 and pname.startswith(("k_", "v_")) and param.shape[0] == kv_width:  # BEiT's v_bias
+            setattr(module, pname, _slice(param, kv_keep, 0))
+
+
+def _norm(child: nn.Module, heads: int, d: int, kv: int, head_keep: list[int], dim_keep: list[int],
+          q_keep: list[int], kv_keep: list[int], heads_cut: bool, dims_cut: bool) -> None:
+    """A q/k norm (or any leaf holding a per-channel weight) sliced like its heads / head dims."""
+    weight = child._parameters.get("weight")
+    if weight is None or isinstance(child, (nn.Linear, nn.Embedding)) or weight.dim() > 2:
+        return
+    changed = False
+    for pname in ("weight", "bias"):
+        p = child._parameters.get(pname)
+        if p is None:
+            continue
+        new = p
+        if p.dim() == 2 and p.shape == (heads, d):  # a norm per head over its head dim (Cohere)
+            new = _slice(_slice(p, head_keep, 0), dim_keep, 1) if heads_cut or dims_cut else p
+        elif p.dim() == 1 and p.shape[0] == d and dims_cut and d not in (heads * d, kv * d):
+            new = _slice(p, dim_keep, 0)  # a norm over the head dim, shared by every head (Qwen3, OLMo)
+        elif p.dim() == 1 and p.shape[0] == heads * d and p.shape[0] != d and len(q_keep) < p.shape[0]:
+            new = _slice(p, q_keep, 0)  # over all query channels (OLMo-2's q_norm)
+        elif p.dim() == 1 and p.shape[0] == kv * d and p.shape[0] != d and len(kv_keep) < p.shape[0]:
+            new = _slice(p, kv_keep, 0)
+        if new is not p:
+            setattr(child, pname, new)
+            changed = True
+    if changed and hasattr(child, "normalized_shape"):
+        shape = child._parameters["weight"].shape
+        child.normalized_shape = tuple(shape) if isinstance(child.normalized_shape, tuple) else int(shape[0])
+
+
+# ------------------------------------------------------------------ ALiBi
+def _uses_alibi(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return "alibi" in _forward_params(module) or bool(getattr(config, "alibi", False))
+
+
+def _forward_params(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _follow_alibi(module: nn.Module, heads: int, head_keep: list[int]) -> None:
+    """Record which original heads stay and make sure the slicing pre-hook is on the module (once)."""
+    previous = getattr(module, KEPT, None)
+    if previous is None:
+        setattr(module, ALL, heads)
+        previous = list(range(heads))
+    setattr(module, KEPT, [previous[i] for i in head_keep])  # a new list: a failed cut's undo restores the old one
+    if not any(hook is alibi_pre_hook for hook in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(alibi_pre_hook, with_kwargs=True)
+
+
+def alibi_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Hand an attention module the ALiBi slopes (Bloom's ``alibi``, Falcon's ALiBi mask) of its kept heads only."""
+    kept, total = getattr(module, KEPT, None), getattr(module, ALL, None)
+    if kept is None or total is None or len(kept) == total:
+        return None
+    names = _forward_params(module)
+    args = list(args)
+    for name in ("alibi", "attention_mask"):
+        if name in kwargs:
+            kwargs[name] = _select_heads(kwargs[name], kept, total)
+        elif name in names and names.index(name) < len(args):
+            i = names.index(name)
+            args[i] = _select_heads(args[i], kept, total)
+    return tuple(args), kwargs
+
+
+def _select_heads(t: Any, kept: list[int], total: int) -> Any:
+    if not torch.is_tensor(t) or t.dtype == torch.bool:
+        return t
+    index = torch.as_tensor(kept, device=t.device)
+    if t.dim() == 4 and t.shape[1] == total:  # (batch, heads, q, k)
+        return t.index_select(1, index)
+    if t.dim() == 3 and t.shape[0] % total == 0:  # Bloom: (batch * heads, 1, k)
+        batch = t.shape[0] // total
+        return t.view(batch, total, *t.shape[1:]).index_select(1, index).reshape(batch * len(kept), *t.shape[1:])
+    return t
