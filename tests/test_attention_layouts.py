@@ -1,0 +1,269 @@
+"""Fused q/k/v layouts and per-head parameters: heads really removed, exactly, configs follow, hidden size kept."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from layout_models import KINDS, LayoutModule, example, loader  # noqa: E402
+from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
+from lightning_halfprune.core import attention as attn  # noqa: E402
+from lightning_halfprune.core import attention_layouts as layouts  # noqa: E402
+from lightning_halfprune.core import head_check  # noqa: E402
+from lightning_halfprune.core.plan import Cut  # noqa: E402
+from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
+from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
+
+HIDDEN_FIELDS = ("hidden_size", "d_model", "n_embd")
+
+
+# ------------------------------------------------------------------ the layouts themselves
+@pytest.mark.parametrize(("heads", "kv"), [(4, 4), (4, 2), (6, 3), (4, 1)])
+def test_grouped_rows_match_falcons_own_split(heads, kv):
+    """Falcon's new decoder architecture splits [kv][group + 2][head_dim]: q rows first, then k, then v."""
+    d, g = 3, heads // kv
+    fused = torch.arange((heads + 2 * kv) * d).view(kv, g + 2, d)
+    q, k, v = fused[:, :-2].reshape(-1), fused[:, -2].reshape(-1), fused[:, -1].reshape(-1)
+    assert layouts.rows(layouts.GROUPED, heads, kv, d) == torch.cat([q, k, v]).tolist()
+
+
+def test_interleaved_rows_match_neox_and_bloom_split():
+    """GPT-NeoX/Bloom: view(heads, 3, head_dim) -> q, k, v: the grouped layout with one query head per group."""
+    heads, d = 4, 2
+    fused = torch.arange(3 * heads * d).view(heads, 3, d)
+    expected = torch.cat([fused[:, i].reshape(-1) for i in range(3)]).tolist()
+    assert layouts.rows(layouts.GROUPED, heads, heads, d) == expected
+    assert layouts.rows(layouts.BLOCKED, heads, heads, d) == list(range(3 * heads * d))
+
+
+# ------------------------------------------------------------------ every family, through the Surgeon
+def _attention_cuts(surgeon: Surgeon, ratio: float = 0.5) -> list[Cut]:
+    roots = {s.root_name for s in attn.find_attention(surgeon.model)}
+    return [c for c in surgeon.plan(ratio, get_scorer("l2")) if c.layer in roots]
+
+
+def _hidden(net: nn.Module) -> tuple:
+    embeddings = net.get_input_embeddings().weight.shape[1]
+    return embeddings, tuple(getattr(net.config, n, None) for n in HIDDEN_FIELDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_heads_removed_exactly_and_configs_follow(kind):
+    model = LayoutModule(kind).eval()
+    x = example(kind)
+    specs = attn.find_attention(model)
+    assert specs and all(s.uncut is None for s in specs)
+    before_heads = {s.name: (s.num_heads, s.num_kv_heads, s.head_dim) for s in specs}
+    hidden, out_shape = _hidden(model.net), model(x).shape
+    surgeon = Surgeon(model, (x,))
+    cuts = _attention_cuts(surgeon)
+    assert len(cuts) == len(specs)
+    reference = head_check.without_heads(model, cuts) if kind != "t5" else None
+    surgeon.cut(cuts)
+    after = {s.name: (s.num_heads, s.num_kv_heads, s.head_dim) for s in attn.find_attention(model)}
+    for name, (h, kv, d) in before_heads.items():
+        if kind == "t5":  # a shared per-head position bias: heads stay, head dims halve
+            assert after[name] == (h, kv, d // 2)
+        else:
+            assert after[name][0] == h // 2 and after[name][2] == d
+    assert head_check.config_mismatches(model) == []
+    assert _hidden(model.net) == hidden  # the residual stream is untouched with the default
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == out_shape
+    if reference is not None:  # exactly the computation without the removed heads (layout and ALiBi slopes right)
+        with torch.no_grad():
+            torch.testing.assert_close(out, reference.eval()(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    model(x).float().sum().backward()  # train mode runs and back-propagates
+
+
+def test_whisper_config_heads_follow_per_stack():
+    model = LayoutModule("whisper").eval()
+    surgeon = Surgeon(model, (example("whisper"),))
+    encoder = [c for c in _attention_cuts(surgeon) if ".encoder." in c.layer]
+    surgeon.cut(encoder)  # the encoder only: the two stacks now differ
+    config = model.net.config
+    assert (config.encoder_attention_heads, config.decoder_attention_heads) == (2, 4)
+    assert head_check.config_mismatches(model) == []
+
+
+def test_bloom_keeps_each_kept_heads_alibi_slope():
+    """Bloom builds ALiBi slopes from its head count: a cut layer must get the slopes of the heads it kept."""
+    model = LayoutModule("bloom").eval()
+    x = example("bloom")
+    surgeon = Surgeon(model, (x,))
+    layer = "net.transformer.h.0.self_attention.query_key_value"
+    spec = next(s for s in attn.find_attention(model) if s.root_name == layer)
+    cut = Cut(layer, layouts.to_physical(spec, [c for h in (0, 2) for c in _head_rows(spec, h)]))  # heads 0 and 2
+    reference = head_check.without_heads(model, [cut])
+    surgeon.cut([cut])
+    assert model.net.transformer.h[0].self_attention._halfprune_kept_heads == [1, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def _head_rows(spec, head):
+    """Blocked (logical) channels of one head: its q, k and v rows (no GQA)."""
+    d, qw = spec.head_dim, spec.q_width
+    q = [head * d + j for j in range(d)]
+    return q + [qw + c for c in q] + [2 * qw + c for c in q]
+
+
+# ------------------------------------------------------------------ per-head parameters of a module of our own
+class BeitAttention(nn.Module):
+    """BEiT-style: qkv without bias plus q/v biases, a relative position bias table and a gate, one per head."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, num_heads))
+        self.head_gate = nn.Parameter(torch.rand(num_heads) + 0.5)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = nn.functional.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        rel = self.relative_position_bias_table.view(n, n, -1).permute(2, 0, 1)
+        a = (q @ k.transpose(-2, -1) * self.head_dim**-0.5 + rel).softmax(-1) * self.head_gate.view(1, -1, 1, 1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class BeitNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        self.norm = nn.LayerNorm(32)
+        self.attn = BeitAttention()
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(self.norm(h))
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+def test_per_head_tables_biases_and_gates_travel_with_their_heads():
+    torch.manual_seed(0)
+    net, x = BeitNet().eval(), torch.randn(2, 5, 6)
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    a = net.attn
+    assert a.num_heads == 2 and a.relative_position_bias_table.shape == (25, 2) and a.head_gate.shape == (2,)
+    assert a.q_bias.shape == (16,) and a.v_bias.shape == (16,)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ ambiguous layouts, the residual-stream guard
+class CodeGenAttention(nn.Module):
+    """Named like CodeGen's: a fused ``qkv_proj`` in a sharded layout HalfPrune does not know."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv_proj(x).chunk(3, -1)
+        return self.out_proj(torch.softmax(q @ k.transpose(-2, -1), -1) @ v)
+
+
+class AmbiguousNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        self.attn = CodeGenAttention()
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h)
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+def test_an_ambiguous_fused_layout_is_left_uncut_with_a_warning():
+    net, x = AmbiguousNet(), torch.randn(2, 5, 6)
+    with pytest.warns(UserWarning, match=r"leaves the attention heads of 'attn' \(CodeGenAttention\) uncut"):
+        surgeon = Surgeon(net, x)
+    assert "attn.qkv_proj" not in surgeon.widths and "attn.out_proj" not in surgeon.widths
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert net.attn.qkv_proj.out_features == 96 and net.embed.out_features == 32
+    assert net.mlp[0].out_features == 32
+
+
+def test_residual_stream_is_refused_by_default_with_a_warning_and_cut_when_asked():
+    model = LayoutModule("neox").eval()
+    x = example("neox")
+    with pytest.warns(UserWarning, match=r"would change the residual stream \(hidden size\)"):
+        kept = Surgeon(model, (x,))
+    stream = {"net.gpt_neox.embed_in", "net.gpt_neox.final_layer_norm"}
+    for g in kept.groups():  # no group the default allows touches the embeddings or the final norm
+        assert not stream & {kept.graph._module2name.get(dep.target.module) for dep, _ in g.group}
+    kept.cut(kept.plan(0.5, get_scorer("l2")))
+    assert model.net.gpt_neox.embed_in.embedding_dim == 64
+    assert model.net.gpt_neox.final_layer_norm.weight.shape == (64,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # asked for: no warning
+        cut = Surgeon(LayoutModule("neox").eval(), (x,), prune_hidden_size=True)
+    assert any(stream & {cut.graph._module2name.get(dep.target.module) for dep, _ in g.group} for g in cut.groups())
+
+
+# ------------------------------------------------------------------ real fits
+def _fit(tmp_path, kind, ckpt=None):
+    model = LayoutModule(kind)
+    cb = HalfPrune(schedule={0: 0.5}, latency_batch_size=0, verbose=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2, logger=False,
+        enable_checkpointing=ckpt is not None, callbacks=[cb] + ([ckpt] if ckpt else []), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2,
+    )
+    trainer.fit(model, loader(kind))
+    return model, cb
+
+
+def _check_fit(tmp_path, kind):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fresh = LayoutModule(kind)
+    heads = {s.name: s.num_heads for s in attn.find_attention(fresh)}
+    hidden = _hidden(fresh.net)
+    model, cb = _fit(tmp_path, kind, ckpt)
+    assert cb.history, "no cut happened"
+    after = {s.name: s.num_heads for s in attn.find_attention(model)}
+    assert all(after[n] == h // 2 for n, h in heads.items())
+    assert _hidden(model.net) == hidden
+    assert head_check.config_mismatches(model) == []
+    last = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))[0]
+    loaded = load_pruned(LayoutModule, last)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    x = example(kind)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+    model.train()
+    model(x).float().sum().backward()
+
+
+def test_fit_cuts_neox_heads_and_loads_back(tmp_path):
+    _check_fit(tmp_path, "neox")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["falcon_mqa", "falcon_grouped", "bloom", "modernbert", "deberta_v2", "whisper"])
+def test_fit_cuts_heads_and_loads_back(tmp_path, kind):
+    _check_fit(tmp_path, kind)
