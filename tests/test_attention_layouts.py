@@ -208,6 +208,21 @@ def test_an_ambiguous_fused_layout_is_left_uncut_with_a_warning():
     assert net.mlp[0].out_features == 32
 
 
+class FunctionalAttention(CodeGenAttention):
+    """Both projections used through ``F.linear`` on their weights: torch-pruning's trace never sees them."""
+
+    def forward(self, x):
+        q, k, v = nn.functional.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).chunk(3, -1)
+        return nn.functional.linear(torch.softmax(q @ k.transpose(-2, -1), -1) @ v, self.out_proj.weight)
+
+
+def test_attention_the_trace_cannot_see_is_left_uncut_with_a_warning():
+    net = AmbiguousNet()
+    net.attn = FunctionalAttention()
+    with pytest.warns(UserWarning, match=r"leaves the attention heads of 'attn' uncut: neither"):
+        Surgeon(net, torch.randn(2, 5, 6)).groups()
+
+
 def test_residual_stream_is_refused_by_default_with_a_warning_and_cut_when_asked():
     model = LayoutModule("neox").eval()
     x = example("neox")

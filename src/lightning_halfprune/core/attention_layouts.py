@@ -138,6 +138,14 @@ def ambiguous_message(spec: AttentionSpec) -> str:
     )
 
 
+def untraced_message(spec: AttentionSpec) -> str:
+    return (
+        f"HalfPrune leaves the attention heads of {spec.name!r} uncut: neither its q/k/v projection nor its output "
+        "projection is called as a module in the traced forward (both through `F.linear` with their weights?), so "
+        "their use cannot be followed. Call at least one of them as a module to have its heads cut."
+    )
+
+
 def describe(spec: AttentionSpec) -> dict[str, Any]:
     """The head structure of one attention module, for reports and tests."""
     return {

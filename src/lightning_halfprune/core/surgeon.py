@@ -171,7 +171,10 @@ class Surgeon:
             )
         if self.attention != "none":
             for s in specs:
-                if s.root in ignored or s.module in ignored or s.root not in graph.module2node:
+                if s.root in ignored or s.module in ignored:
+                    continue
+                if not {s.root, s.o} & graph.module2node.keys():
+                    warnings.warn(attention_layouts.untraced_message(s), stacklevel=2)
                     continue
                 if s.uncut is not None:  # an ambiguous fused layout: its projections are not roots either
                     warnings.warn(attention_layouts.ambiguous_message(s), stacklevel=2)
