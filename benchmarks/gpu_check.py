@@ -22,6 +22,7 @@ import torch
 
 
 def _cut_half(name: str, build, example) -> dict:
+    from lightning_halfprune.core.preflight import preflight
     from lightning_halfprune.core.scoring import get_scorer
     from lightning_halfprune.core.surgeon import Surgeon
 
@@ -35,6 +36,8 @@ def _cut_half(name: str, build, example) -> dict:
             before = sum(p.numel() for p in net.parameters())
             surgeon = Surgeon(net, x)
             row["build_s"] = round(time.perf_counter() - start, 2)
+            row["left_out"] = list(preflight(surgeon, [0.5], {}))[:6]  # as HalfPrune does at train start
+            row["preflight_s"] = round(time.perf_counter() - start - row["build_s"], 2)
             surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
             with torch.no_grad():
                 net.train()
@@ -52,22 +55,38 @@ def _cut_half(name: str, build, example) -> dict:
     return row
 
 
-def families() -> list[dict]:
+FAMILIES = (
+    "mobilevitv2_050", "efficientvit_m0", "hiera_tiny_224", "beit_base_patch16_224", "eva02_tiny_patch14_224",
+    "nf_regnet_b0", "shufflenet", "googlenet", "mamba",
+)
+
+
+def one(which: str) -> dict:
+    """One family, in its own process: a CUDA device-side assert would poison every later model."""
     import timm
     import torchvision
     import transformers as tf
 
     image = torch.randn(2, 3, 224, 224)
+    if which == "shufflenet":
+        return _cut_half("tv shufflenet_v2_x0_5", lambda: torchvision.models.shufflenet_v2_x0_5(), image)
+    if which == "googlenet":
+        build = lambda: torchvision.models.googlenet(aux_logits=True, init_weights=False)  # noqa: E731
+        return _cut_half("tv googlenet aux", build, image)
+    if which == "mamba":
+        mamba = tf.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100, state_size=8)
+        return _cut_half("hf mamba", lambda: tf.MambaForCausalLM(mamba), torch.randint(0, 100, (2, 16)))
+    return _cut_half(f"timm {which}", lambda: timm.create_model(which, pretrained=False), image)
+
+
+def families() -> list[dict]:
+    import subprocess
+
     rows = []
-    names = ("mobilevitv2_050", "efficientvit_m0", "hiera_tiny_224", "beit_base_patch16_224", "eva02_tiny_patch14_224")
-    for name in (*names, "nf_regnet_b0"):
-        rows.append(_cut_half(f"timm {name}", lambda n=name: timm.create_model(n, pretrained=False), image))
-    rows.append(_cut_half("tv shufflenet_v2_x0_5", lambda: torchvision.models.shufflenet_v2_x0_5(), image))
-    rows.append(
-        _cut_half("tv googlenet aux", lambda: torchvision.models.googlenet(aux_logits=True, init_weights=False), image)
-    )
-    mamba = tf.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100, state_size=8)
-    rows.append(_cut_half("hf mamba", lambda: tf.MambaForCausalLM(mamba), torch.randint(0, 100, (2, 16))))
+    for which in FAMILIES:
+        out = subprocess.run([sys.executable, __file__, "--one", which], capture_output=True, text=True, timeout=240)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        rows.append(json.loads(lines[-1]) if lines else {"model": which, "ok": False, "error": out.stderr[-600:]})
     return rows
 
 
@@ -105,7 +124,8 @@ def bf16_llama_fit() -> dict:
     before = sum(p.numel() for p in model.parameters())
     prune = HalfPrune({0: 0.5}, distill=Distill(), timing=Timing(batch_size=32, budget_s=2.0), verbose=True)
     trainer = pl.Trainer(max_epochs=2, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[prune])
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[prune])  # Lightning's FLOP summary fails on GQA sdpa on CUDA
     start = time.perf_counter()
     trainer.fit(model, loader)
     report = prune.reports[0]
@@ -124,7 +144,9 @@ def bf16_llama_fit() -> dict:
     return row
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "--one":
+    one(sys.argv[2])
+elif __name__ == "__main__":
     out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     try:
         out["bf16_llama_fit"] = bf16_llama_fit()

@@ -238,7 +238,7 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
             fn = tp_function.prune_linear_out_channels if out else tp_function.prune_linear_in_channels
         node = graph.module2node.get(layer)
         if node is None:  # called functionally (BEiT's `F.linear(x, qkv.weight, bias)`): a node of its own
-            node = tp.dependency.Node(layer, None, graph._module2name.get(layer, type(layer).__name__))
+            node = tp.dependency.Node(layer, None, tpc.module_names(graph).get(layer, type(layer).__name__))
         group.add_dep(tp.dependency.Dependency(fn, fn, node, node), idxs)
         group[len(group) - 1].root_idxs = roots
 

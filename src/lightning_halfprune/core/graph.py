@@ -186,7 +186,7 @@ def cuts_residual_stream(graph: tp.DependencyGraph, group: Any, stream: set[nn.M
     A projection counts when its output channels would go; an embedding or a norm whenever it is in the group.
     """
     hit = sorted(
-        graph._module2name.get(m, type(m).__name__)
+        tpc.module_names(graph).get(m, type(m).__name__)
         for dep, _ in group
         if (m := dep.target.module) in stream
         and (not isinstance(m, ROOT_TYPES) or graph.is_out_channel_pruning_fn(dep.handler))
@@ -194,8 +194,8 @@ def cuts_residual_stream(graph: tp.DependencyGraph, group: Any, stream: set[nn.M
     if not hit:
         return False
     warnings.warn(
-        f"HalfPrune leaves the channels of {graph._module2name.get(group[0].dep.target.module)!r} alone: cutting them "
-        f"would change the residual stream (hidden size) of the model, through {hit[:4]}"
+        f"HalfPrune leaves the channels of {tpc.module_names(graph).get(group[0].dep.target.module)!r} alone: "
+        f"cutting them would change the residual stream (hidden size) of the model, through {hit[:4]}"
         f"{' and more' if len(hit) > 4 else ''}; `prune_hidden_size=False` (the default) keeps it. Pass "
         "`prune_hidden_size=True` to cut the hidden size too.",
         stacklevel=2,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core.attention import AttentionSpec, find_attention
 from lightning_halfprune.core.graph import run_model
 from lightning_halfprune.core.scoring import HOOKED_TYPES, CalibratedScorer, _inputs_of
@@ -100,7 +101,7 @@ class MinitronScorer(CalibratedScorer):
 
     def __call__(self, group: Any) -> torch.Tensor | None:
         """Scores over the group's root channels: consumers' input statistics, else producers' output ones."""
-        graph = group._DG
+        graph = tpc.graph_of(group)
         width = len(group[0].idxs)
         for consumers in (True, False):
             stats = self._inputs if consumers else self._outputs
