@@ -343,7 +343,8 @@ class HalfPrune(Callback):
             return None
         teacher_due = self._distiller is not None and self._distiller.due()
         if teacher_due:  # the pre-cut tensors the cut frees become the teacher: no copy of the model
-            self._distiller.take_teacher(pl_module)
+            with _timed(timings, "teacher"):
+                self._distiller.take_teacher(pl_module)
         with _timed(timings, "cut"):
             try:
                 cuts = self._cut(trainer, cuts, copies)
