@@ -27,8 +27,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core.attention import AttentionSpec, find_attention
-from lightning_halfprune.core.graph import run_model
-from lightning_halfprune.core.scoring import HOOKED_TYPES, CalibratedScorer, _inputs_of
+from lightning_halfprune.core.scoring import HOOKED_TYPES, CalibratedScorer, _inputs_of, run_hooked
 
 __all__ = ["MinitronScorer"]
 
@@ -68,13 +67,7 @@ class MinitronScorer(CalibratedScorer):
                 spec = outputs.get(module)
                 handles.append(module.register_forward_pre_hook(self._input_hook(spec)))
                 handles.append(module.register_forward_hook(self._output_hook))
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    run_model(model, self.inputs_of(batch))
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(model, batches, self.inputs_of, handles)
 
     def _input_hook(self, spec: AttentionSpec | None) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:

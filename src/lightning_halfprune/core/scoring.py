@@ -108,14 +108,7 @@ class _ChannelStatsScorer(CalibratedScorer):
     def calibrate(self, model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[Any], torch.Tensor]) -> None:
         self._stats = {}
         hooked = [m for m in model.modules() if isinstance(m, HOOKED_TYPES)]
-        handles = [m.register_forward_hook(self._hook) for m in hooked]
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    run_model(model, self.inputs_of(batch))
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(model, batches, self.inputs_of, [m.register_forward_hook(self._hook) for m in hooked])
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
@@ -332,6 +325,17 @@ def state_kept(scorer: Scorer) -> Iterator[None]:
     finally:
         for g, state in zip(generators, states, strict=True):
             g.set_state(state)
+
+
+def run_hooked(model: nn.Module, batches: Sequence[Any], inputs_of: Callable[[Any], Any], handles: list) -> None:
+    """Run ``batches`` through ``model`` without grad for the hooks behind ``handles``, then remove them (always)."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_model(model, inputs_of(batch))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def needs_data(scorer: Scorer) -> bool:
