@@ -230,12 +230,14 @@ class Surgeon:
                 then(remap)
         except BaseException as err:
             snapshot.restore()
-            if graph_intact(err):  # no torch-pruning call failed halfway: the graph can be put back
+            if graph_intact(err):  # no torch-pruning call failed halfway: the graph is put back as it was
                 graph_snapshot.restore()
+                self._graph = graph  # also after an attention cut marked it stale: the model is as before
             else:
                 self._graph = None
             if not isinstance(err, DryRun):
                 raise
+            return remap  # a dry run: model, graph and groups are exactly as before
         self._signature = signature(self.model)
         self._groups = None  # groups of the pre-cut graph hold pre-cut tensors: found again when next asked for
         return remap
