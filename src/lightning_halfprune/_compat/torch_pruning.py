@@ -50,26 +50,25 @@ def prune_parameter(param: torch.nn.Parameter, keep: list[int], dim: int) -> tor
     return BasePruningFunc._prune_parameter_and_grad(None, param, keep, dim)
 
 
-@contextlib.contextmanager
-def parameter_slicing(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+def parameter_slicing(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> contextlib.AbstractContextManager:
     """Route every slice torch-pruning takes of a parameter through ``wrap(original)`` inside the block."""
-    original = BasePruningFunc._prune_parameter_and_grad
-    BasePruningFunc._prune_parameter_and_grad = wrap(original)
-    try:
-        yield
-    finally:
-        BasePruningFunc._prune_parameter_and_grad = original
+    return _patched(BasePruningFunc, "_prune_parameter_and_grad", wrap)
+
+
+def flatten_mapping(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> contextlib.AbstractContextManager:
+    """Route torch-pruning's flatten index mapping through ``wrap(original)`` inside the block."""
+    return _patched(FlattenIndexMapping, "__call__", wrap)
 
 
 @contextlib.contextmanager
-def flatten_mapping(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
-    """Route torch-pruning's flatten index mapping through ``wrap(original)`` inside the block."""
-    original = FlattenIndexMapping.__call__
-    FlattenIndexMapping.__call__ = wrap(original)
+def _patched(owner: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """``owner.name`` replaced by ``wrap(original)`` for the block, put back after (also on error)."""
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
     try:
         yield
     finally:
-        FlattenIndexMapping.__call__ = original
+        setattr(owner, name, original)
 
 
 def flatten_stride(mapping: Any) -> int:

@@ -94,34 +94,31 @@ def tracking_slices() -> Iterator[ParamRemap]:
     successor: dict[nn.Parameter, nn.Parameter] = {}  # newest tensor -> the original it came from
     done: dict[tuple[int, int], tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}  # (tensor, dim) -> slice
 
-    def tracked(self: Any, weight: nn.Parameter, keep_idxs: Sequence[int], pruning_dim: int) -> nn.Parameter:
-        keep = torch.as_tensor(list(keep_idxs), dtype=torch.long)
-        dim = pruning_dim % weight.dim()
-        if (id(weight), dim) in done:  # a shared (tied) tensor reached again through another module: one cut
-            _, new, kept = done[(id(weight), dim)]
-            if not torch.equal(kept, keep):
-                raise SurgeryError(
-                    f"a parameter of shape {tuple(weight.shape)} is shared by two layers that would keep different "
-                    "channels of it; tied weights must be cut alike."
-                )
-            return new
-        new = original(self, weight, keep_idxs, pruning_dim)
-        done[(id(weight), dim)] = (weight, new, keep)
-        remember(weight, new, dim, keep)
-        return new
-
     def remember(weight: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Tensor) -> None:
         source = successor.pop(weight, weight)
         _, steps = remap.steps.get(source, (None, []))
         remap.steps[source] = (new, [*steps, (dim, keep)])
         successor[new] = source
 
-    def wrap(slicing: Callable[..., nn.Parameter]) -> Callable[..., nn.Parameter]:
-        nonlocal original
-        original = slicing
+    def wrap(original: Callable[..., nn.Parameter]) -> Callable[..., nn.Parameter]:
+        def tracked(self: Any, weight: nn.Parameter, keep_idxs: Sequence[int], pruning_dim: int) -> nn.Parameter:
+            keep = torch.as_tensor(list(keep_idxs), dtype=torch.long)
+            dim = pruning_dim % weight.dim()
+            if (id(weight), dim) in done:  # a shared (tied) tensor reached again through another module: one cut
+                _, new, kept = done[(id(weight), dim)]
+                if not torch.equal(kept, keep):
+                    raise SurgeryError(
+                        f"a parameter of shape {tuple(weight.shape)} is shared by two layers that would keep different "
+                        "channels of it; tied weights must be cut alike."
+                    )
+                return new
+            new = original(self, weight, keep_idxs, pruning_dim)
+            done[(id(weight), dim)] = (weight, new, keep)
+            remember(weight, new, dim, keep)
+            return new
+
         return tracked
 
-    original: Callable[..., nn.Parameter] = tpc.prune_parameter  # replaced by torch-pruning's own in ``wrap``
     _RECORDERS.append(remember)
     try:
         with tpc.parameter_slicing(wrap):
