@@ -245,3 +245,21 @@ def test_the_recipe_config_runs_from_the_command_line(tmp_path):
     args = __import__("yaml").safe_load(printed.stdout)["halfprune"]["init_args"]
     distill = args["distill"]
     assert distill["alpha"] > 0 and distill["teacher"] == "each" and distill["epochs"] == 2
+
+
+def test_the_term_over_a_large_vocabulary_is_computed_in_pieces_with_the_same_value_and_gradient(monkeypatch):
+    from lightning_halfprune.fit import distill
+
+    torch.manual_seed(0)
+    student = torch.randn(3, 50, 700, requires_grad=True)
+    teacher = torch.randn(3, 50, 700)
+    whole = distill.kd_loss(student, teacher, 2.0)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", 700 * 16)  # 10 pieces of 16 rows (the last smaller)
+    pieces = distill.kd_loss(student, teacher, 2.0)
+    (grad_pieces,) = torch.autograd.grad(pieces, student)
+    s, t = (F.log_softmax(x.reshape(-1, 700) / 2, -1) for x in (student, teacher))
+    expected = F.kl_div(s, t, log_target=True, reduction="batchmean") * 4
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(pieces, whole)
+    torch.testing.assert_close(grad_pieces, grad_whole)

@@ -17,18 +17,41 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_halfprune.options import Distill
 
 _WRAPPED = ("training_step", "on_load_checkpoint")  # instance attributes a teacher copy must not carry
 
 
+CHUNK_ELEMENTS = 1 << 20  # logits per piece of the term: 4 MB in float32
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dimension, in float32, mean per row."""
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dimension, in float32, mean per row.
+
+    Computed in pieces of about ``CHUNK_ELEMENTS`` logits, each recomputed in the backward pass
+    (activation checkpointing): a language model's logits over its vocabulary are the largest tensors of a step,
+    and the float32 softmaxes of the whole batch would otherwise add several copies of them to the peak memory.
+    """
     classes = student.shape[-1]
-    s = F.log_softmax(student.float().reshape(-1, classes) / temperature, dim=-1)
-    t = F.log_softmax(teacher.float().reshape(-1, classes) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    s, t = student.reshape(-1, classes), teacher.reshape(-1, classes)
+    rows = max(1, CHUNK_ELEMENTS // max(1, classes))
+    if s.shape[0] <= rows or not (torch.is_grad_enabled() and s.requires_grad):
+        total = _kl_sum(s, t, temperature)
+    else:
+        total = sum(
+            checkpoint(_kl_sum, s_part, t_part, temperature, use_reentrant=False)
+            for s_part, t_part in zip(s.split(rows), t.split(rows), strict=True)
+        )
+    return total / max(1, s.shape[0]) * temperature**2
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The KL divergence summed over rows of 2-D logits, in float32."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum")
 
 
 def logits_of(output: Any) -> torch.Tensor:
