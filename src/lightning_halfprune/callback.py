@@ -65,7 +65,8 @@ class HalfPrune(Callback):
         global_pruning: rank channels across all layers instead of cutting every layer by the same ratio.
         attention: how attention modules (timm, torchvision, Hugging Face, lookalikes) are cut: ``"heads"``
             removes whole heads (with GQA, a key/value head with all its query heads), ``"head_dim"`` the same
-            offsets of the head dimension in every head, ``"both"`` some of each, ``"none"`` leaves them alone.
+            offsets of the head dimension in every head, ``"both"`` some of each, ``"none"`` leaves them alone,
+            ``"heads_last"`` keeps the params of ``"heads"``, split between heads and MLPs by calibration loss.
         prune_hidden_size: also cut the residual stream (embedding width) of models with attention, together
             with everything that reads it; by default only heads and MLP widths are cut.
         monitor: a metric your ``validation_step`` logs (e.g. ``"val_acc"``): reported before the cut, right after

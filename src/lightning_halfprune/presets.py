@@ -2,9 +2,10 @@
 
 ``finetuning(ratio=0.5)`` is for the setting most users start from (Minitron's): a trained model that is
 fine-tuned on new data and should come out smaller. Measured on a byte-level Qwen3 (``benchmarks/lm.md``): one
-early cut ranked on calibration batches, the model before the cut (the parent) teaching the pruned one on its
-logits for the rest of the fine-tune (KL mixed with the task loss), and the learning rate warmed up again after
-the cut.
+early cut ranked on calibration batches, its parameters taken from the MLPs first and heads only where the
+calibration loss says so (``attention="heads_last"``), the model before the cut (the parent) teaching the pruned
+one on its logits for the rest of the fine-tune (KL mixed with the task loss), and the learning rate warmed up
+again after the cut.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def finetuning(
     """``HalfPrune`` keyword arguments for pruning a trained model while it is fine-tuned.
 
     Args:
-        ratio: cumulative fraction of the MLP neurons and attention heads to remove (residual stream kept).
+        ratio: fraction of the parameters of the MLPs and attention modules to remove (residual stream kept): as
+            many as removing that fraction of the MLP neurons and heads would, split between them by
+            ``attention="heads_last"``.
         at_step: the optimizer step after which the one cut is made: early (about 1-5% of the fine-tune), so
             that almost all the fine-tune trains the pruned model, but after the first steps on the new data.
         scorer: how channels are ranked; ``"taylor"`` kept the loss lowest right after the cut on the LM
@@ -54,6 +57,7 @@ def finetuning(
     kwargs: dict[str, Any] = {
         "schedule": Schedule({at_step: float(ratio)}, interval="step"),
         "scorer": scorer,
+        "attention": "heads_last",
         "calibration": Calibration(batches=scoring_batches),
         "distill": Distill(alpha=distill_alpha, temperature=distill_temperature, teacher="first", epochs=None),
         "rewarm_steps": rewarm_steps,

@@ -11,6 +11,8 @@ its projections are kept out of the graph's own groups, and it is cut as one uni
 * ``"head_dim"``: the same offsets of the head dimension go in every head (not with rotary embeddings, whose
   pairs of offsets and frequencies would break; those fall back to whole heads).
 * ``"both"``: heads and head dims, each by about the square root of the kept fraction (heads rounded up).
+* ``"heads_last"``: whole heads, but a ratio's parameters come from the other groups (the MLPs) first; heads
+  are cut only for what those cannot give (``allocation.py``).
 
 The scale of the dot product is left as it was: with whole heads it is unchanged anyway, and with head dims the
 dropped offsets are the least important, so dividing the remaining dot product by the original ``sqrt(head_dim)``
@@ -39,8 +41,8 @@ from lightning_halfprune.core import attention_layouts as layouts
 from lightning_halfprune.core import head_params, layers
 from lightning_halfprune.core.layers import in_width, out_width
 
-AttentionMode = Literal["heads", "head_dim", "both", "none"]
-ATTENTION_MODES = ("heads", "head_dim", "both", "none")
+AttentionMode = Literal["heads", "head_dim", "both", "none", "heads_last"]
+ATTENTION_MODES = ("heads", "head_dim", "both", "none", "heads_last")
 
 _FUSED = ("qkv", "c_attn", "in_proj", "Wqkv", "qkv_proj", "query_key_value")  # layouts: attention_layouts.py
 _SEPARATE = (

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
+from lightning_halfprune.core import allocation, layers, moe
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import layers, moe
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup
 
@@ -102,6 +102,8 @@ class Planner:
         self, groups: Sequence[ChannelGroup], ratio: float, score: Callable[[Any], torch.Tensor | None]
     ) -> list[Cut]:
         """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
+        if self.attention == "heads_last":
+            return self.allocations(groups, ratio, score)[0]
         scored, heads = [], []
         cuts = []
         for g in groups:
@@ -133,6 +135,21 @@ class Planner:
                 channels = sorted(j + s * g.slot_size for s in range(g.slots) for j in drop)
                 cuts.append(Cut(g.name, channels))
         return cuts
+
+    def allocations(
+        self, groups: Sequence[ChannelGroup], ratio: float, score: Callable[[Any], torch.Tensor | None]
+    ) -> list[list[Cut]]:
+        """``attention="heads_last"``: the plans that keep the parameters of ``ratio``, fewest heads removed first."""
+        keep = lambda g, f: self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - f) + 0.5)))  # noqa: E731
+        known = [g for g in groups if g.name in self.original_widths]
+        planner = replace(self, attention="heads")
+        experts = [g for g in known if isinstance(g.group, moe.ExpertGroup)]
+        channels = [g for g in known if g.attention is None and not isinstance(g.group, moe.ExpertGroup)]
+        heads = [g for g in known if g.attention is not None]
+        return [
+            planner.plan(channels, f, score) + planner.plan(heads, h, score) + planner.plan(experts, ratio, score)
+            for f, h in allocation.splits(known, self.original_widths, ratio, self.max_layer_ratio, keep)
+        ]
 
     def _plan_attention(
         self,

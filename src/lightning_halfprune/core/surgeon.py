@@ -190,13 +190,34 @@ class Surgeon:
         return {g.name: g.width for g in self.groups()}
 
     # ---------------------------------------------------------------- choosing
-    def plan(self, ratio: float, score: Callable[[Any], torch.Tensor | None]) -> list[Cut]:
-        """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
+    def plan(
+        self,
+        ratio: float,
+        score: Callable[[Any], torch.Tensor | None],
+        judge: Callable[[], float] | None = None,
+    ) -> list[Cut]:
+        """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad.
+
+        ``judge``: the loss of the model as it is (e.g. on calibration batches). With ``attention="heads_last"``
+        each way to split the ratio between heads and the other groups is made on trial and the one ``judge``
+        finds lowest is kept (``allocation.py``); without it, the fewest heads are removed.
+        """
         planner = Planner(
             self.original_widths, self.round_to, self.max_layer_ratio, self.global_pruning, self.attention,
             self.moe_mode,
         )
-        return planner.plan(self.groups(), ratio, score)
+        if self.attention != "heads_last":
+            return planner.plan(self.groups(), ratio, score)
+        options = planner.allocations(self.groups(), ratio, score)
+        if judge is None or len(options) == 1:
+            return options[0]
+        return min(options, key=lambda cuts: self._judged(cuts, judge))
+
+    def _judged(self, cuts: Sequence[Cut], judge: Callable[[], float]) -> float:
+        if not cuts:
+            return judge()
+        with self.trial(cuts):
+            return judge()
 
     # ---------------------------------------------------------------- cutting
     def cut(

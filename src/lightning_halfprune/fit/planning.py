@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -78,9 +79,11 @@ def plan(
     Groups the scorer fails on are left out (recorded in ``owner.state.left_out``) rather than ending the fit.
     """
     scorer, surgeon = owner.scorer, owner.surgeon
+    allocating = surgeon.attention == "heads_last"
     with undisturbed(pl_module):
-        if scoring.needs_data(scorer):
+        if scoring.needs_data(scorer) or allocating:
             data = calibration_batches(trainer, pl_module, owner.calibration, batches or owner.calibration.batches)
+        if scoring.needs_data(scorer):
             if isinstance(scorer, scoring.CalibratedScorer):
                 scorer.inputs_of = lambda batch: model_input(pl_module, batch, owner.calibration.input_fn)
             scorer.calibrate(pl_module, data, training_loss(pl_module))
@@ -88,12 +91,30 @@ def plan(
         try:
             score = guarded(agreed(trainer.strategy, scorer), surgeon, failed)
             if owner.targeter is None:
-                cuts, aim = surgeon.plan(ratio, score), None
+                judge = calibration_loss(trainer, pl_module, data) if allocating else None
+                cuts, aim = surgeon.plan(ratio, score, judge), None
             else:
                 cuts, aim = owner.targeter.plan(ratio, score, lambda r: trainer.strategy.broadcast(r, src=0))
             return drop_failed(surgeon, cuts, failed, owner.state.left_out), aim
         finally:
             scoring.release(scorer)
+
+
+def calibration_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, data: list) -> Callable[[], float]:
+    """The mean ``training_step`` loss over ``data`` in eval mode, averaged over ranks (all ranks choose alike)."""
+    loss = training_loss(pl_module)
+
+    def judge() -> float:
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                mean = torch.stack([loss(batch).detach().float() for batch in data]).mean()
+        finally:
+            pl_module.train(was)
+        return float(trainer.strategy.reduce(mean, reduce_op="mean"))
+
+    return judge
 
 
 def build_targeter(
