@@ -36,14 +36,14 @@ SCORERS = ("l2", "taylor", "activation", "minitron")
 
 def recipe_kwargs(setting: str, ratio: float, steps: int, **over) -> dict:
     """The ``HalfPrune`` keyword arguments of each setting's recipe: the one place to adapt to API changes."""
-    from lightning_halfprune import Schedule, presets
+    from lightning_halfprune import Cubic, presets
     from lightning_halfprune.options import Distill
 
     quiet = {"verbose": False, "timing": None}
     if setting == "finetune":
         return {**presets.finetuning(ratio, **over), **quiet}
     epochs = steps // STEPS_PER_EPOCH  # the MNIST-1D recipe, in epochs of 50 steps
-    schedule = Schedule.cubic(start=epochs // 6, end=epochs // 2, ratio=ratio, every=1)
+    schedule = Cubic(start=epochs // 6, end=epochs // 2, ratio=ratio, every=1)
     kwargs = {"schedule": schedule, "scorer": "l2", "distill": Distill(alpha=1.0, temperature=2.0, teacher="each",
                                                                         epochs=2)}
     return {**kwargs, **over, **quiet}
@@ -127,22 +127,33 @@ def parent(data: Data, n: int) -> tuple[CausalLM, float, bool]:
     return module, seconds, True
 
 
-def cut_loss(parent_module: CausalLM, data: Data, ratio: float, scorer: str) -> float:
-    """Bits per byte of the parent cut to ``ratio`` by ``scorer`` (calibrated on the fine-tune's first batches)."""
+def cut_loss(parent_module: CausalLM, data: Data, ratio: float, scorer: str, attention: str) -> float:
+    """Bits per byte of the parent cut to ``ratio`` by ``scorer`` (calibrated on the fine-tune's first batches).
+
+    ``attention``: ``"heads"`` cuts half of the heads and of the MLP at 0.5; ``"heads_last"`` keeps the same params,
+    split between heads and MLP by the calibration loss (as HalfPrune does in a fit).
+    """
     from lightning_halfprune.core.scoring import get_scorer, needs_data
     from lightning_halfprune.core.surgeon import Surgeon
     from lightning_halfprune.fit.batches import take_batches, training_loss, undisturbed
 
     module = copy.deepcopy(parent_module)
-    surgeon = Surgeon(module, module.example_input_array)
+    surgeon = Surgeon(module, module.example_input_array, attention=attention)
     score = get_scorer(scorer)
+    batches = take_batches(data.train_loader("finetune"), 8, torch.device("cpu"))
+    loss = training_loss(module)
+
+    def judge() -> float:
+        with torch.no_grad():
+            module.eval()
+            return sum(float(loss(b)) for b in batches) / len(batches)
+
     with undisturbed(module):
         if needs_data(score):
             if hasattr(score, "inputs_of"):
                 score.inputs_of = lambda batch: batch[:, :-1]
-            score.calibrate(module, take_batches(data.train_loader("finetune"), 8, torch.device("cpu")),
-                            training_loss(module))
-        cuts = surgeon.plan(ratio, score)
+            score.calibrate(module, batches, loss)
+        cuts = surgeon.plan(ratio, score, judge)
     surgeon.cut(cuts)
     return evaluate(module, data.val)
 
@@ -154,9 +165,10 @@ def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
     rows = [row("parent: dense, N steps", dense, data, n, seconds)]
     for ratio in (0.5, 0.3):
         for scorer in SCORERS:
-            rows.append({"row": f"cut {ratio} by {scorer}, before training", "ratio": ratio, "scorer": scorer,
-                         "val_bpb": cut_loss(dense, data, ratio, scorer)})
-            log(rows[-1])
+            for attention in ("heads", "heads_last"):
+                rows.append({"row": f"cut {ratio} by {scorer}, before training", "ratio": ratio, "scorer": scorer,
+                             "attention": attention, "val_bpb": cut_loss(dense, data, ratio, scorer, attention)})
+                log(rows[-1])
         module = copy.deepcopy(dense)
         module.optim = Optim(steps=k)
         prune, callbacks = halfprune(recipe_kwargs("finetune", ratio, k, **over))
@@ -172,6 +184,10 @@ def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
         seconds = fit(small, data.train_loader("pretrain", then_after=n), n + k, curve=curve)
         rows.append(row(f"widths of {ratio} from scratch, N+K steps", small, data, n + k, seconds, ratio=ratio,
                         curve=curve.points))
+        if ratio == 0.5:  # the other way to the same params: half the heads and half the MLP, from scratch
+            small = CausalLM(Arch(heads=2, kv_heads=1, intermediate=256).build(), Optim(steps=n + k))
+            seconds = fit(small, data.train_loader("pretrain", then_after=n), n + k)
+            rows.append(row("half heads, half MLP from scratch, N+K steps", small, data, n + k, seconds, ratio=ratio))
     return rows
 
 
@@ -254,7 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--setting", choices=("scratch", "finetune", "all"), default="all")
-    parser.add_argument("--steps", type=int, default=400, help="N: the parent's / from-scratch steps (K = N/2)")
+    parser.add_argument("--steps", type=int, default=600, help="N: the parent's / from-scratch steps (K = N/2)")
     parser.add_argument("--jobs", type=int, default=4, help="processes (seed x setting) at a time, 1 thread each")
     parser.add_argument("--recipe", default="{}", help="JSON overrides of the recipe's HalfPrune kwargs")
     parser.add_argument("--out", default=os.path.join(HERE, "lm"), help="writes OUT.json and OUT.md")

@@ -32,8 +32,10 @@ def _line(rows: list[dict], name: str, reference: str | None) -> str:
     ref = _mean(rows, reference) if reference else None
     delta = f"{100 * (_mean(rows, name) / ref - 1):+.1f}%" if ref else "-"
     share = _stat([100 * r["prune_share"] for r in group if "prune_share" in r], 1)
+    arch = first.get("arch")
+    widths = f"{arch['heads']}/{arch['kv_heads']}, {arch['intermediate']}" if arch else "-"
     return (
-        f"| {name} | {first['steps']} | {_stat([r['val_bpb'] for r in group])} | "
+        f"| {name} | {widths} | {first['steps']} | {_stat([r['val_bpb'] for r in group])} | "
         f"{_stat([r['test_bpb'] for r in group])} | {delta} | {first['params']:,} | "
         f"{first['macs_per_token'] / 1e3:.0f}k | {first.get('ms_per_token', float('nan')):.3f} | "
         f"{share if share != '-' else '-'} |\n"
@@ -41,9 +43,9 @@ def _line(rows: list[dict], name: str, reference: str | None) -> str:
 
 
 HEADER = (
-    "| row | steps | val bits/byte | test bits/byte | val vs {ref} | params | MACs/token | ms/token "
-    "| prune % of time |\n"
-    "|---|---|---|---|---|---|---|---|---|\n"
+    "| row | heads/kv, MLP | steps | val bits/byte | test bits/byte | val vs {ref} | params | MACs/token "
+    "| ms/token | prune % of time |\n"
+    "|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -80,15 +82,18 @@ def markdown(result: dict) -> str:
         text.append(HEADER.format(ref="dense fine-tune"))
         for name in ("parent: dense, N steps", ref, "HalfPrune 0.3 fine-tune, K steps",
                      "widths of 0.3 from scratch, N+K steps", "HalfPrune 0.5 fine-tune, K steps",
-                     "widths of 0.5 from scratch, N+K steps"):
+                     "widths of 0.5 from scratch, N+K steps", "half heads, half MLP from scratch, N+K steps"):
             text.append(_line(rows, name, ref))
         scorers = sorted({r["scorer"] for r in rows if "scorer" in r})
-        text.append("\nValidation bits per byte of the parent right after the cut, before any training:\n\n")
-        text.append("| ratio | " + " | ".join(scorers) + " |\n|---|" + "---|" * len(scorers) + "\n")
+        text.append("\nValidation bits per byte of the parent right after the cut, before any training (`heads`: "
+                    "that fraction of the heads and of the MLP neurons; `heads_last`: the same params, split "
+                    "between heads and MLP by the loss on 8 calibration batches, as the preset does):\n\n")
+        text.append("| ratio | attention | " + " | ".join(scorers) + " |\n|---|---|" + "---|" * len(scorers) + "\n")
         for ratio in (0.3, 0.5):
-            cells = [_stat([r["val_bpb"] for r in _group(rows, f"cut {ratio} by {s}, before training")])
-                     for s in scorers]
-            text.append(f"| {ratio} | " + " | ".join(cells) + " |\n")
+            for attention in ("heads", "heads_last"):
+                cells = [_stat([r["val_bpb"] for r in _group(rows, f"cut {ratio} by {s}, before training")
+                                if r.get("attention", "heads") == attention]) for s in scorers]
+                text.append(f"| {ratio} | {attention} | " + " | ".join(cells) + " |\n")
     if _group(rows, "HalfPrune 0.5 recipe (l2), N steps"):
         ref = "parent: dense, N steps" if _group(rows, "parent: dense, N steps") else "dense, N steps"
         text.append("\n## From-scratch setting (issue 23): N steps\n\n")
