@@ -13,6 +13,7 @@ the event (``PruneReport.timings``). The log-log slope of each against the param
 
     python benchmarks/scale.py                 # 10M, 30M, 125M: writes benchmarks/scale.md and scale.json
     python benchmarks/scale.py --sizes 10M     # one size
+    python benchmarks/scale.py --sizes 400M --keep   # adds 400M (about 7 GB) to the rows already there
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "10M": (256, 4, 4, 2, 688, 16000),
     "30M": (384, 8, 6, 2, 1024, 32000),
     "125M": (768, 12, 12, 4, 2048, 32000),
+    "400M": (1024, 24, 16, 4, 4096, 32000),  # about 7 GB with AdamW: on demand (--sizes 400M --keep)
 }
+DEFAULT_SIZES = ("10M", "30M", "125M")
 VARIANTS = ("dense", "small", "halfprune", "notiming", "distill")
 STEPS = 4
 
@@ -183,6 +186,10 @@ def table(rows: list[dict]) -> str:
         key: _slope([(r["params"], r[key]) for r in ours if key in r])
         for key in ("train_start_cpu_s", "event_without_latency_s", "fit_end_s")
     }
+    phases = sorted({k for r in ours for k in r.get("event_s", {})})
+    for phase in phases:
+        points = [(r["params"], r["event_s"][phase]) for r in ours if phase in r.get("event_s", {})]
+        slopes[f"event {phase}"] = _slope(points)
     lines.append("")
     lines.append(
         "Log-log slope against params (HalfPrune defaults): "
@@ -193,10 +200,14 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=list(SIZES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--keep", action="store_true", help="keep the rows of scale.json this run does not redo")
     args = parser.parse_args()
     rows = []
+    if args.keep and (HERE / "scale.json").exists():
+        redo = {(size, variant) for size in args.sizes for variant in args.variants}
+        rows = [r for r in json.loads((HERE / "scale.json").read_text()) if (r["size"], r["variant"]) not in redo]
     for size in args.sizes:
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--child", size, variant]
@@ -206,8 +217,11 @@ def main() -> None:
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
+    rows.sort(key=lambda r: (r["params"], VARIANTS.index(r["variant"])))
     (HERE / "scale.json").write_text(json.dumps(rows, indent=1))
-    text = f"# Scale: HalfPrune on Llama models\n\n`python benchmarks/scale.py --sizes {' '.join(args.sizes)}`\n\n"
+    sizes = " ".join(dict.fromkeys(r["size"] for r in rows))
+    text = f"# Scale: HalfPrune on Llama models\n\n`python benchmarks/scale.py --sizes {sizes}`"
+    text += " (rows of several runs joined with `--keep`)\n\n"
     (HERE / "scale.md").write_text(text + table(rows) + "\n")
     print(table(rows))
 
