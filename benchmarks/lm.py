@@ -6,9 +6,9 @@ Task (``lm_task.py``): a byte-level Qwen3 (1.05M params) on the Python standard 
   fine-tune, HalfPrune at 0.3 and 0.5 with the fine-tuning preset, the pruned widths trained from scratch for N + K
   steps, and the loss right after the cut (before any training) per scorer.
 * ``--setting scratch`` (issue 23): N steps from scratch: dense (= the parent), HalfPrune 0.5 with the recovery
-  recipe (cubic, distillation from the model before each cut until 2 epochs after the last) with ``l2`` and with
-  ``minitron``, the half-width model from scratch, that model distilled from the dense one, and the steps the
-  from-scratch model needs to reach HalfPrune's validation loss.
+  recipe (``l2``, cubic, distillation from the model before each cut until 2 epochs after the last) cutting half
+  the heads and MLP (``attention="heads"``) and with ``"heads_last"``, each one's widths from scratch, and the
+  ``heads_last`` widths distilled from the dense model.
 
 ``python benchmarks/lm.py --seeds 2 --jobs 2`` writes ``benchmarks/lm.json`` and ``benchmarks/lm.md``; each seed
 runs in its own process (``--one-seed S``) on one thread.
@@ -193,21 +193,22 @@ def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
 
 def scratch_rows(data: Data, n: int, over: dict) -> list[dict]:
     """Issue 23's rows; the dense model (the fine-tune setting's parent) is trained last if no process has it."""
-    rows = []
-    for scorer in ("l2", "minitron"):
+    rows, archs = [], {}
+    for attention in ("heads", "heads_last"):
         module = CausalLM(Arch().build(), Optim(steps=n))
-        prune, callbacks = halfprune(recipe_kwargs("scratch", 0.5, n, scorer=scorer, **over))
+        prune, callbacks = halfprune(recipe_kwargs("scratch", 0.5, n, attention=attention, **over))
         seconds = fit(module, data.train_loader("pretrain"), n, callbacks)
-        rows.append(row(f"HalfPrune 0.5 recipe ({scorer}), N steps", module, data, n, seconds, prune, ratio=0.5))
-    arch = Arch(**rows[-1]["arch"])
-    small = CausalLM(arch.build(), Optim(steps=n))
-    rows.append(row("widths of 0.5 from scratch, N steps", small, data, n,
-                    fit(small, data.train_loader("pretrain"), n), ratio=0.5))
+        rows.append(row(f"HalfPrune 0.5 recipe ({attention}), N steps", module, data, n, seconds, prune, ratio=0.5))
+        archs[attention] = Arch(**rows[-1]["arch"])
+    for attention, arch in archs.items():
+        small = CausalLM(arch.build(), Optim(steps=n))
+        rows.append(row(f"widths of 0.5 ({attention}) from scratch, N steps", small, data, n,
+                        fit(small, data.train_loader("pretrain"), n), ratio=0.5))
     dense, seconds, trained = parent(data, n)
     if trained:
         rows.append(row("parent: dense, N steps", dense, data, n, seconds))
-    student = CausalLM(arch.build(), Optim(steps=n), teacher=dense.model)
-    rows.append(row("widths of 0.5 distilled from the dense model, N steps", student, data, n,
+    student = CausalLM(archs["heads_last"].build(), Optim(steps=n), teacher=dense.model)
+    rows.append(row("widths of 0.5 (heads_last) distilled from the dense model, N steps", student, data, n,
                     fit(student, data.train_loader("pretrain"), n), ratio=0.5))
     return rows
 

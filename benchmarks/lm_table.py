@@ -53,11 +53,11 @@ def _budget(rows: list[dict], target_row: str, curve_row: str) -> str:
     """Per seed: the first step of the from-scratch curve at or below the HalfPrune row's validation loss."""
     out = []
     for r in _group(rows, target_row):
-        curves = [c for c in _group(rows, curve_row) if c["seed"] == r["seed"]]
+        curves = [c for c in _group(rows, curve_row) if c["seed"] == r["seed"] and "curve" in c]
         if not curves:
             continue
         steps = [s for s, v in curves[0]["curve"] if v <= r["val_bpb"]]
-        out.append(str(steps[0]) if steps else f"> {curves[0]['steps']}")
+        out.append(str(steps[0]) if steps else f"more than {curves[0]['steps']}")
     return ", ".join(out) or "-"
 
 
@@ -84,6 +84,14 @@ def markdown(result: dict) -> str:
                      "widths of 0.3 from scratch, N+K steps", "HalfPrune 0.5 fine-tune, K steps",
                      "widths of 0.5 from scratch, N+K steps", "half heads, half MLP from scratch, N+K steps"):
             text.append(_line(rows, name, ref))
+        for ratio in (0.3, 0.5):
+            pruned, small = f"HalfPrune {ratio} fine-tune, K steps", f"widths of {ratio} from scratch, N+K steps"
+            budget = _budget(rows, pruned, small)
+            text.append(
+                f"\nSteps the widths of {ratio} from scratch (validated every 50 steps) need to reach the validation "
+                f"loss of HalfPrune {ratio} (N + K = {n + n // 2} steps in all, per seed): "
+                f"{budget}.\n"
+            )
         scorers = sorted({r["scorer"] for r in rows if "scorer" in r})
         text.append("\nValidation bits per byte of the parent right after the cut, before any training (`heads`: "
                     "that fraction of the heads and of the MLP neurons; `heads_last`: the same params, split "
@@ -94,18 +102,14 @@ def markdown(result: dict) -> str:
                 cells = [_stat([r["val_bpb"] for r in _group(rows, f"cut {ratio} by {s}, before training")
                                 if r.get("attention", "heads") == attention]) for s in scorers]
                 text.append(f"| {ratio} | {attention} | " + " | ".join(cells) + " |\n")
-    if _group(rows, "HalfPrune 0.5 recipe (l2), N steps"):
-        ref = "parent: dense, N steps" if _group(rows, "parent: dense, N steps") else "dense, N steps"
+    if _group(rows, "HalfPrune 0.5 recipe (heads), N steps"):
+        ref = "parent: dense, N steps"
         text.append("\n## From-scratch setting (issue 23): N steps\n\n")
         text.append(HEADER.format(ref="dense"))
-        for name in (ref, "HalfPrune 0.5 recipe (l2), N steps", "HalfPrune 0.5 recipe (minitron), N steps",
-                     "widths of 0.5 from scratch, N steps", "widths of 0.5 distilled from the dense model, N steps"):
+        for name in (ref, "HalfPrune 0.5 recipe (heads), N steps", "widths of 0.5 (heads) from scratch, N steps",
+                     "HalfPrune 0.5 recipe (heads_last), N steps", "widths of 0.5 (heads_last) from scratch, N steps",
+                     "widths of 0.5 (heads_last) distilled from the dense model, N steps"):
             text.append(_line(rows, name, ref))
-        for name in ("HalfPrune 0.5 recipe (l2), N steps", "HalfPrune 0.5 recipe (minitron), N steps"):
-            text.append(
-                f"\nSteps the 0.5 widths from scratch (the N+K run, validated every 50 steps) need to reach {name}'s "
-                f"validation loss, per seed: {_budget(rows, name, 'widths of 0.5 from scratch, N+K steps')}.\n"
-            )
     return "".join(text)
 
 
