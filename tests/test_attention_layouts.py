@@ -126,13 +126,14 @@ class BeitAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # as timm's BEiT has it
         self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, num_heads))
         self.head_gate = nn.Parameter(torch.rand(num_heads) + 0.5)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         b, n, c = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
         qkv = nn.functional.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         rel = self.relative_position_bias_table.view(n, n, -1).permute(2, 0, 1)
@@ -164,9 +165,30 @@ def test_per_head_tables_biases_and_gates_travel_with_their_heads():
     surgeon.cut(cuts)
     a = net.attn
     assert a.num_heads == 2 and a.relative_position_bias_table.shape == (25, 2) and a.head_gate.shape == (2,)
-    assert a.q_bias.shape == (16,) and a.v_bias.shape == (16,)
+    assert a.q_bias.shape == (16,) and a.v_bias.shape == (16,) and a.k_bias.shape == (16,)
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
+    """Hugging Face Swin (5.x) keeps its relative position bias table in a `relative_position_bias` child."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
+                           num_labels=3)
+    net, x = tf.SwinForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    assert len(cuts) == 2
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    for layer, heads in zip(net.swin.encoder.layers, (2, 4), strict=True):
+        a = layer.blocks[0].attention
+        assert a.num_attention_heads == heads // 2
+        assert a.relative_position_bias.relative_position_bias_table.shape[-1] == heads // 2
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ ambiguous layouts, the residual-stream guard

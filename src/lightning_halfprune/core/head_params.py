@@ -4,8 +4,10 @@ torch-pruning's graph never sees these (they live behind the reshape into heads)
 them here, with the same heads and head-dim offsets it removes from the projections:
 
 * the attention module's own parameters: a table with one column per head (Swin/BEiT relative position bias), a
-  vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/v biases (BEiT's
-  ``q_bias``/``v_bias``, one entry per query or key/value channel);
+  vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/k/v biases (BEiT's
+  ``q_bias``/``v_bias`` parameters and its zero ``k_bias`` buffer, one entry per query or key/value channel); the
+  same in a leaf child without a ``weight`` (Hugging Face Swin 5.x keeps its table in a ``relative_position_bias``
+  child);
 * its normalisation children (q/k norms): per-head-dim norms are sliced only when head dims go; per-channel norms
   over all heads (OLMo-2) and ``(heads, head_dim)`` norms (Cohere) lose the removed heads;
 * extra per-head projections (DeBERTa-v2's ``pos_query_proj``/``pos_key_proj``);
@@ -53,6 +55,8 @@ def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_rem
     for child in spec.module.children():
         if id(child) not in skip and not any(True for _ in child.children()):
             _norm(child, h, d, kv, head_keep, dim_keep, q_keep, kv_keep, bool(heads), bool(dims))
+            if q_removed and "weight" not in child._parameters:  # a bias table in a child (HF Swin 5.x)
+                _own_params(child, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
     if heads and _uses_alibi(spec.module):
         _follow_alibi(spec.module, h, head_keep)
 
@@ -80,6 +84,13 @@ def _own_params(module: nn.Module, heads: int, widths: tuple[int, int], head_kee
             setattr(module, pname, _slice(param, q_keep, 0))
         elif param.dim() == 1 and pname.startswith(("k_", "v_")) and param.shape[0] == kv_width:  # BEiT's v_bias
             setattr(module, pname, _slice(param, kv_keep, 0))
+    for bname, buf in list(module._buffers.items()):  # BEiT's k_bias: a zero buffer concatenated with the biases
+        if buf is None or buf.dim() != 1:
+            continue
+        if bname.startswith("q_") and buf.shape[0] == q_width:
+            module._buffers[bname] = buf.index_select(0, torch.as_tensor(q_keep, device=buf.device))
+        elif bname.startswith(("k_", "v_")) and buf.shape[0] == kv_width:
+            module._buffers[bname] = buf.index_select(0, torch.as_tensor(kv_keep, device=buf.device))
 
 
 def _norm(child: nn.Module, heads: int, d: int, kv: int, head_keep: list[int], dim_keep: list[int],
