@@ -262,6 +262,27 @@ def test_residual_stream_is_refused_by_default_with_a_warning_and_cut_when_asked
     assert any(stream & {cut.graph._module2name.get(dep.target.module) for dep, _ in g.group} for g in cut.groups())
 
 
+def test_a_state_space_lm_keeps_its_residual_stream_by_default():
+    """Mamba has no attention: its embeddings and norms at the config's hidden size are its residual stream."""
+    import transformers as tf
+
+    def mamba():
+        torch.manual_seed(0)
+        return tf.MambaForCausalLM(tf.MambaConfig(
+            hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4, use_cache=False, pad_token_id=0,
+            bos_token_id=0, eos_token_id=0)).eval()
+
+    x = torch.randint(0, 64, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning cannot search in_proj; the stream group is refused
+        with pytest.raises(ValueError, match="nothing prunable.*residual stream"):
+            Surgeon(mamba(), (x,))
+        net = mamba()
+        surgeon = Surgeon(net, (x,), prune_hidden_size=True)  # asked for: the hidden size is cut
+        surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert net.backbone.embeddings.embedding_dim == 16 and net(x).logits.shape == (2, 8, 64)
+
+
 # ------------------------------------------------------------------ real fits
 def _fit(tmp_path, kind, ckpt=None):
     model = LayoutModule(kind)
