@@ -63,6 +63,26 @@ def _related(name: str, others) -> bool:
     return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
 
 
+def _unrecognised(fresh, model, names) -> str | None:
+    """Attention-like modules HalfPrune does not recognise, and how many of their projections the graph cut."""
+    from torch import nn
+
+    from lightning_halfprune.core.layers import out_width
+
+    found = [(n, m) for n, m in fresh.named_modules() if _attention_like(m) and not _related(n, names)]
+    if not found:
+        return None
+    after, seen, total, cut = dict(model.named_modules()), set(), 0, 0
+    for n, m in found:
+        for cn, c in m.named_modules():
+            if isinstance(c, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(c) not in seen:
+                seen.add(id(c))
+                total += 1
+                cut += out_width(c) != out_width(after.get(f"{n}.{cn}" if cn else n))
+    classes = ", ".join(sorted({type(m).__name__ for _, m in found})[:3])
+    return f"not recognised: {classes} x{len(found)}, {cut}/{total} of their projections cut by the graph"
+
+
 def heads_column(fresh, model, left_out: dict, caught: list[str]) -> str:
     """yes / no / left out, with counts and the reason."""
     from torch import nn
@@ -73,9 +93,7 @@ def heads_column(fresh, model, left_out: dict, caught: list[str]) -> str:
     after = {s.name: s for s in attn.find_attention(model)}
     mods = dict(model.named_modules())
     names = {s.name for s in before}
-    other = sorted(
-        {type(m).__name__ for n, m in fresh.named_modules() if _attention_like(m) and not _related(n, names)}
-    )
+    other = _unrecognised(fresh, model, names)
     notes = []
     mha = [(n, m) for n, m in fresh.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if mha:
@@ -91,8 +109,7 @@ def heads_column(fresh, model, left_out: dict, caught: list[str]) -> str:
                         for n, m in rnn[:2])
         notes.append(f"recurrent hidden size {cut}")
     if other:
-        said = [w for w in caught if "attention" in w.lower()]
-        notes.append(f"not recognised: {', '.join(other[:3])}" + (f" ({said[0][:90]})" if said else ", uncut"))
+        notes.append(other)
     if not before:
         return "; ".join((["no attention"] if not (other or mha) else []) + notes)
     hb = sum(s.num_heads for s in before)
@@ -124,8 +141,8 @@ def _why_kept(spec, left_out: dict, caught: list[str]) -> str | None:
     for key in (spec.root_name, spec.name):
         if key in left_out:
             return f"left out at pre-flight: {left_out[key][:100]}"
-    said = [w for w in caught if spec.name in w or "attention" in w.lower()]
-    return said[0][:120] if said else None
+    said = [line for w in caught for line in w.splitlines() if spec.name in line]
+    return said[0].strip()[:120] if said else None
 
 
 def _width(module):
