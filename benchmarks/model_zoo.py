@@ -7,12 +7,15 @@ every head; head attributes in sync), tied parameters stay tied, ``load_pruned``
 trained module (still tied), and a resume from the checkpoint written after the first cut works (same final shape and
 losses). A model whose fit
 fails is also checked for what it was left as: untouched, or changed/broken. Every model runs in its own process with
-a timeout, so one hang does not stop the table.
+a timeout, so one hang does not stop the table. Two more columns say what happened to the structure
+(``zoo_columns.py``): whether attention heads were cut (yes / head dims only / left out, with HalfPrune's reason) and
+whether the residual stream kept its width; the pre-flight column is the wall time of the train-start dry run. The
+models and how each task is fed are in ``zoo_models.py``.
 
 Needs torchvision and timm, which do not import beside the project's torch 2.13.0: run it in its own venv::
 
     python3 -m venv /work/zoo-venv
-    /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.23.0 \\
+    /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.25.0 \\
         lightning torchmetrics torch-pruning==1.6.1 wandb mnist1d "jsonargparse[signatures]"
     PYTHONPATH=src nice -n 5 /work/zoo-venv/bin/python benchmarks/model_zoo.py        # -> benchmarks/model_zoo.md
     PYTHONPATH=src /work/zoo-venv/bin/python benchmarks/model_zoo.py --only timm_vit_tiny hf_bert
@@ -354,10 +357,12 @@ def _write(out: str, rows: list[dict], started: float) -> None:
         f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
         f"timm {_version('timm')}, transformers {_version('transformers')}, "
         f"torch-pruning {_version('torch-pruning')}); "
-        f"this run {time.perf_counter() - started:.0f} s (`--keep` keeps rows of earlier runs). Params and MACs per "
+        f"this run {time.perf_counter() - started:.0f} s (`--keep` keeps rows of earlier runs; rows from before the "
+        "structure columns existed show `-` there). Params and MACs per "
         "sample before the first cut -> after the last; latency: median of 10 forward passes at batch 64 (one run "
         "each, a shared machine: indicative only); "
-        "one event: wall time of the first prune event; fit: the whole fit with its two events. Text models "
+        "pre-flight: the train-start dry run; one event: wall time of the first prune event; fit: the whole fit "
+        "with its two events. Attention heads cut / residual stream kept: see `zoo_columns.py`. Text models "
         "have the proportions of the real ones (see `REAL_TEXT` in the script); their embedding share is shown. "
         "Produced by `PYTHONPATH=src python benchmarks/model_zoo.py` in the zoo venv (see the script).\n\n"
         + table(rows)
