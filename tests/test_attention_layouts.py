@@ -191,6 +191,23 @@ def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
         torch.testing.assert_close(net(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_albert_layer_norm_inside_the_attention_module_keeps_its_width():
+    """ALBERT's attention module holds the residual stream's LayerNorm (width = heads x head_dim): not a q norm."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, vocab_size=64, max_position_embeddings=16, num_labels=3)
+    net, x = tf.AlbertForSequenceClassification(config).eval(), torch.randint(0, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    cuts = _attention_cuts(surgeon)
+    assert len(cuts) == 1  # one attention module, shared by the layers
+    surgeon.cut(cuts)
+    a = net.albert.encoder.albert_layer_groups[0].albert_layers[0].attention
+    assert a.num_attention_heads == 2 and a.LayerNorm.weight.shape == (32,)
+    assert net(x).logits.shape == (2, 3)
+
+
 # ------------------------------------------------------------------ ambiguous layouts, the residual-stream guard
 class CodeGenAttention(nn.Module):
     """Named like CodeGen's: a fused ``qkv_proj`` in a sharded layout HalfPrune does not know."""
