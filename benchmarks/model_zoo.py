@@ -273,6 +273,8 @@ def _fmt_n(n) -> str:
 
 
 def _cell(row: dict) -> str:
+    if "not_run" in row:
+        return f"not run: {row['not_run']}"
     if "crash" in row:
         return f"FAIL: {row['crash']}"
     if "error" in row:
