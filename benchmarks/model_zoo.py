@@ -7,12 +7,15 @@ every head; head attributes in sync), tied parameters stay tied, ``load_pruned``
 trained module (still tied), and a resume from the checkpoint written after the first cut works (same final shape and
 losses). A model whose fit
 fails is also checked for what it was left as: untouched, or changed/broken. Every model runs in its own process with
-a timeout, so one hang does not stop the table.
+a timeout, so one hang does not stop the table. Two more columns say what happened to the structure
+(``zoo_columns.py``): whether attention heads were cut (yes / head dims only / left out, with HalfPrune's reason) and
+whether the residual stream kept its width; the pre-flight column is the wall time of the train-start dry run. The
+models and how each task is fed are in ``zoo_models.py``.
 
 Needs torchvision and timm, which do not import beside the project's torch 2.13.0: run it in its own venv::
 
     python3 -m venv /work/zoo-venv
-    /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.23.0 \\
+    /work/zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.25.0 \\
         lightning torchmetrics torch-pruning==1.6.1 wandb mnist1d "jsonargparse[signatures]"
     PYTHONPATH=src nice -n 5 /work/zoo-venv/bin/python benchmarks/model_zoo.py        # -> benchmarks/model_zoo.md
     PYTHONPATH=src /work/zoo-venv/bin/python benchmarks/model_zoo.py --only timm_vit_tiny hf_bert
@@ -32,96 +35,9 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BATCH, BATCHES, EPOCHS, SEQ, VOCAB, CLASSES = 8, 3, 2, 16, 1000, 10
-
-
-def _timm(name: str, img: int, **kw):
-    def build():
-        import timm
-
-        return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kw)
-
-    return build, ("image", img)
-
-
-def _tv(name: str, img: int, **kw):
-    def build():
-        import torchvision
-
-        weights = {} if name == "VisionTransformer" else {"weights": None}  # the class itself takes no weights
-        return getattr(torchvision.models, name)(num_classes=CLASSES, **weights, **kw)
-
-    return build, ("image", img)
-
-
-def _hf(model_cls: str, config_cls: str, task: str, **config):
-    def build():
-        import transformers
-
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
-
-    return build, (task, 32)
-
-
-TINY_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB)
-# Text models at the proportions of the real ones: MLP 4x the hidden size (BERT, GPT-2, Llama 3.2 1B), 4 layers and
-# tied embeddings where the real model ties them (GPT-2, Llama 3.2, Qwen2), so that the embedding is 20-26% of the
-# params, as in BERT-base (22%), GPT-2 small (31%), Llama 3.2 1B (21%), Qwen2 0.5B (28%). With a 1000-word vocabulary
-# on 2 layers of width 64 it would be 50-65%, and it is kept by default (`prune_hidden_size=False`).
-REAL_TEXT = dict(
-    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vocab_size=VOCAB,
-    max_position_embeddings=64,
-)
-REAL_LM = dict(REAL_TEXT, num_key_value_heads=2, use_cache=False, tie_word_embeddings=True)
-GPT2 = dict(n_embd=64, n_head=4, vocab_size=VOCAB)
-PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # its defaults lie beyond a 1000-word vocabulary
-
-MODELS = {
-    "timm_vit_tiny": _timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8),
-    "timm_deit_tiny": _timm("deit_tiny_patch16_224", 32, img_size=32, patch_size=8),
-    "timm_swin_tiny": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, window_size=4),
-    "timm_mixer_s16": _timm("mixer_s16_224", 64, img_size=64),
-    "timm_convnext_atto": _timm("convnext_atto", 32),
-    "timm_efficientnet_b0": _timm("efficientnet_b0", 32),
-    "timm_resnet18": _timm("resnet18", 32),
-    "timm_mobilenetv3_small_100": _timm("mobilenetv3_small_100", 32),
-    "timm_regnetx_002": _timm("regnetx_002", 32),
-    "tv_resnet18": _tv("resnet18", 32),
-    "tv_mobilenet_v2": _tv("mobilenet_v2", 32),
-    "tv_densenet121": _tv("densenet121", 32),
-    "tv_efficientnet_b0": _tv("efficientnet_b0", 32),
-    "tv_convnext_tiny": _tv("convnext_tiny", 32),
-    "tv_regnet_x_400mf": _tv("regnet_x_400mf", 32),
-    "tv_vit_2l": _tv(
-        "VisionTransformer", 32, image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
-    ),
-    "tv_swin_t": _tv("swin_t", 64),
-    "hf_bert": _hf(
-        "BertForSequenceClassification",
-        "BertConfig",
-        "text",
-        num_labels=CLASSES,
-        **REAL_TEXT,
-    ),
-    "hf_vit": _hf(
-        "ViTForImageClassification",
-        "ViTConfig",
-        "hf_image",
-        image_size=32,
-        patch_size=8,
-        num_labels=CLASSES,
-        **{k: v for k, v in TINY_TEXT.items() if k != "vocab_size"},
-    ),
-    "hf_gpt2_lm": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_layer=4, n_positions=64, **GPT2),
-    "hf_llama_gqa": _hf("LlamaForCausalLM", "LlamaConfig", "lm", **REAL_LM),
-    "hf_qwen2_gqa": _hf("Qwen2ForCausalLM", "Qwen2Config", "lm", **REAL_LM),
-    # fused q|k|v with GQA and fused gate|up; untied like Phi-3-mini
-    "hf_phi3_gqa": _hf(
-        "Phi3ForCausalLM", "Phi3Config", "lm", **dict(REAL_LM, tie_word_embeddings=False), **PHI3_TOKENS
-    ),
-    # the embedding-heavy shape (2 layers, 1024 positions: 56% of the params): only the hidden size can halve it
-    "hf_gpt2_lm_hidden": _hf("GPT2LMHeadModel", "GPT2Config", "lm", n_layer=2, **GPT2),
-}
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo_columns import heads_column, record_warnings, residual_column, time_preflight  # noqa: E402
+from zoo_models import BATCH, BATCHES, CLASSES, EPOCHS, MODELS, forward, inputs, next_token  # noqa: E402
 
 # arguments beyond the defaults, for the rows that show one; `--prune-args` adds to every row
 PRUNE_ARGS = {"hf_gpt2_lm_hidden": dict(prune_hidden_size=True)}
@@ -146,19 +62,16 @@ def _module_class():
             build, (self.task, img) = MODELS[name]
             torch.manual_seed(0)
             self.net = build()
-            self.example_input_array = _inputs(self.task, img, 2, seed=1)
+            self.example_input_array = inputs(self.task, img, 2, seed=1)
             self.losses: list[float] = []
 
         def forward(self, x):
-            if self.task == "hf_image":
-                return self.net(pixel_values=x).logits
-            out = self.net(input_ids=x) if self.task in ("text", "lm") else self.net(x)
-            return getattr(out, "logits", out)
+            return forward(self.net, self.task, x)
 
         def loss(self, batch):
             x, y = batch
             logits = self(x)
-            if self.task == "lm":
+            if next_token(self.task):
                 return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             return F.cross_entropy(logits, y)
 
@@ -176,20 +89,11 @@ def _module_class():
     return ZooModule
 
 
-def _inputs(task: str, img: int, n: int, seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    if task in ("text", "lm"):
-        return torch.randint(0, VOCAB, (n, SEQ), generator=g)
-    return torch.randn(n, 3, img, img, generator=g)
-
-
 def _loader(task: str, img: int):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    x = _inputs(task, img, BATCH * BATCHES, seed=2)
+    x = inputs(task, img, BATCH * BATCHES, seed=2)
     y = torch.randint(0, CLASSES, (len(x),), generator=torch.Generator().manual_seed(3))
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
@@ -225,6 +129,8 @@ def run_one(name: str) -> dict:
     from lightning_halfprune.core.measure import count_params
 
     warnings.filterwarnings("ignore")
+    caught = record_warnings()
+    preflight_seconds = time_preflight()
     torch.set_num_threads(2)
     ZooModule = _module_class()
     row: dict = {"model": name}
@@ -246,11 +152,16 @@ def run_one(name: str) -> dict:
         _trainer(root, [prune, _checkpoints(root)]).fit(model, data, data)
     except Exception as err:
         row["fit_seconds"] = time.perf_counter() - start
+        row.update(warnings=caught[:8], preflight_seconds=preflight_seconds[:1] or None, left_out=prune.left_out)
         row["error"] = f"{type(err).__name__}: {err}"
         row["left"] = _left_as(model, state, x)
         row["trained_steps"] = len(model.losses)
         return row
     row["fit_seconds"] = time.perf_counter() - start
+    row.update(warnings=caught[:8], preflight_seconds=preflight_seconds[:1] or None, left_out=prune.left_out)
+    fresh = ZooModule(name)
+    row["heads"] = heads_column(fresh, model, prune.left_out, caught)
+    row["residual"] = residual_column(fresh, model)
     reports = prune.reports
     row.update(
         params_after=count_params(model),
@@ -270,7 +181,7 @@ def run_one(name: str) -> dict:
         final_loss = float(model.loss(next(iter(data))))
     finite = all(map(_finite, after_first)) and _finite(final_loss)
     checks["finite"] = finite or "non-finite loss after a cut"
-    checks["heads"] = _heads_whole(ZooModule(name), prune.history, model)
+    checks["heads"] = _heads_whole(fresh, prune.history, model)
     checks["tied"] = _tied(model) == tied_before or f"tied parameters {tied_before} -> {_tied(model)}"
     last = os.path.join(root, f"epoch={EPOCHS - 1}.ckpt")
     try:
@@ -362,6 +273,8 @@ def _fmt_n(n) -> str:
 
 
 def _cell(row: dict) -> str:
+    if "not_run" in row:
+        return f"not run: {row['not_run']}"
     if "crash" in row:
         return f"FAIL: {row['crash']}"
     if "error" in row:
@@ -379,8 +292,9 @@ def _short(text: str, n: int = 160) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | params | MACs / sample | CPU latency (batch 64) | one event | fit | result |",
-        "|---|---|---|---|---|---|---|",
+        "| model | params | MACs / sample | CPU latency (batch 64) | pre-flight | one event | fit | result "
+        "| attention heads cut | residual stream kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         params = f"{_fmt_n(r.get('params_before'))} -> {_fmt_n(r.get('params_after'))}"
@@ -393,7 +307,10 @@ def table(rows: list[dict]) -> str:
         event = f"{r['event_seconds']:.2f} s" if r.get("event_seconds") is not None else "-"
         fit = f"{r['fit_seconds']:.0f} s" if r.get("fit_seconds") is not None else "-"
         name = f"{r['model']} ({args})" if args else r["model"]
-        lines.append(f"| {name} | {params} | {macs} | {latency} | {event} | {fit} | {_cell(r)} |")
+        pre = f"{r['preflight_seconds'][0]:.1f} s" if r.get("preflight_seconds") else "-"
+        heads, stream = _short(r.get("heads", "-"), 200), _short(r.get("residual", "-"))
+        cells = [name, params, macs, latency, pre, event, fit, _cell(r), heads, stream]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -415,16 +332,15 @@ def main() -> None:
         print(json.dumps(row, default=str))
         return
     os.environ["ZOO_PRUNE_ARGS"] = json.dumps(json.loads(args.prune_args))  # the children read it
-    names, started = args.only or list(MODELS), time.perf_counter()
-    done: dict[str, dict] = {}
+    started, done = time.perf_counter(), {}
     if args.keep and Path(args.out).with_suffix(".json").exists():  # rows of an earlier run, replaced if rerun
         done = {row["model"]: row for row in json.loads(Path(args.out).with_suffix(".json").read_text())}
-        names = [n for n in done if n not in names] + names
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda name: _run_child(name, args.timeout), args.only or list(MODELS)):
             print(f"{row['model']}: {_cell(row)}", flush=True)
             done[row["model"]] = row
-            _write(args.out, [done[n] for n in names if n in done], started)  # a partial table survives
+            order = sorted(done, key=lambda n: list(MODELS).index(n) if n in MODELS else len(MODELS))
+            _write(args.out, [done[n] for n in order], started)  # a partial table survives, in MODELS' order
 
 
 def _run_child(name: str, timeout: int) -> dict:
@@ -443,10 +359,12 @@ def _write(out: str, rows: list[dict], started: float) -> None:
         f"batches of {BATCH} random samples on CPU (torch {_version('torch')}, torchvision {_version('torchvision')}, "
         f"timm {_version('timm')}, transformers {_version('transformers')}, "
         f"torch-pruning {_version('torch-pruning')}); "
-        f"this run {time.perf_counter() - started:.0f} s (`--keep` keeps rows of earlier runs). Params and MACs per "
+        f"this run {time.perf_counter() - started:.0f} s (`--keep` keeps rows of earlier runs; rows from before the "
+        "structure columns existed show `-` there). Params and MACs per "
         "sample before the first cut -> after the last; latency: median of 10 forward passes at batch 64 (one run "
         "each, a shared machine: indicative only); "
-        "one event: wall time of the first prune event; fit: the whole fit with its two events. Text models "
+        "pre-flight: the train-start dry run; one event: wall time of the first prune event; fit: the whole fit "
+        "with its two events. Attention heads cut / residual stream kept: see `zoo_columns.py`. Text models "
         "have the proportions of the real ones (see `REAL_TEXT` in the script); their embedding share is shown. "
         "Produced by `PYTHONPATH=src python benchmarks/model_zoo.py` in the zoo venv (see the script).\n\n"
         + table(rows)

@@ -126,13 +126,14 @@ class BeitAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # as timm's BEiT has it
         self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, num_heads))
         self.head_gate = nn.Parameter(torch.rand(num_heads) + 0.5)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         b, n, c = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
         qkv = nn.functional.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         rel = self.relative_position_bias_table.view(n, n, -1).permute(2, 0, 1)
@@ -164,9 +165,47 @@ def test_per_head_tables_biases_and_gates_travel_with_their_heads():
     surgeon.cut(cuts)
     a = net.attn
     assert a.num_heads == 2 and a.relative_position_bias_table.shape == (25, 2) and a.head_gate.shape == (2,)
-    assert a.q_bias.shape == (16,) and a.v_bias.shape == (16,)
+    assert a.q_bias.shape == (16,) and a.v_bias.shape == (16,) and a.k_bias.shape == (16,)
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
+    """Hugging Face Swin (5.x) keeps its relative position bias table in a `relative_position_bias` child."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
+                           num_labels=3)
+    net, x = tf.SwinForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    assert len(cuts) == 2
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    for layer, heads in zip(net.swin.encoder.layers, (2, 4), strict=True):
+        a = layer.blocks[0].attention
+        assert a.num_attention_heads == heads // 2
+        assert a.relative_position_bias.relative_position_bias_table.shape[-1] == heads // 2
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_albert_layer_norm_inside_the_attention_module_keeps_its_width():
+    """ALBERT's attention module holds the residual stream's LayerNorm (width = heads x head_dim): not a q norm."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, vocab_size=64, max_position_embeddings=16, num_labels=3)
+    net, x = tf.AlbertForSequenceClassification(config).eval(), torch.randint(0, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    cuts = _attention_cuts(surgeon)
+    assert len(cuts) == 1  # one attention module, shared by the layers
+    surgeon.cut(cuts)
+    a = net.albert.encoder.albert_layer_groups[0].albert_layers[0].attention
+    assert a.num_attention_heads == 2 and a.LayerNorm.weight.shape == (32,)
+    assert net(x).logits.shape == (2, 3)
 
 
 # ------------------------------------------------------------------ ambiguous layouts, the residual-stream guard
@@ -238,6 +277,27 @@ def test_residual_stream_is_refused_by_default_with_a_warning_and_cut_when_asked
         warnings.simplefilter("error", UserWarning)  # asked for: no warning
         cut = Surgeon(LayoutModule("neox").eval(), (x,), prune_hidden_size=True)
     assert any(stream & {cut.graph._module2name.get(dep.target.module) for dep, _ in g.group} for g in cut.groups())
+
+
+def test_a_state_space_lm_keeps_its_residual_stream_by_default():
+    """Mamba has no attention: its embeddings and norms at the config's hidden size are its residual stream."""
+    import transformers as tf
+
+    def mamba():
+        torch.manual_seed(0)
+        return tf.MambaForCausalLM(tf.MambaConfig(
+            hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4, use_cache=False, pad_token_id=0,
+            bos_token_id=0, eos_token_id=0)).eval()
+
+    x = torch.randint(0, 64, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning cannot search in_proj; the stream group is refused
+        with pytest.raises(ValueError, match="nothing prunable.*residual stream"):
+            Surgeon(mamba(), (x,))
+        net = mamba()
+        surgeon = Surgeon(net, (x,), prune_hidden_size=True)  # asked for: the hidden size is cut
+        surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert net.backbone.embeddings.embedding_dim == 16 and net(x).logits.shape == (2, 8, 64)
 
 
 # ------------------------------------------------------------------ real fits

@@ -4,8 +4,10 @@ torch-pruning's graph never sees these (they live behind the reshape into heads)
 them here, with the same heads and head-dim offsets it removes from the projections:
 
 * the attention module's own parameters: a table with one column per head (Swin/BEiT relative position bias), a
-  vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/v biases (BEiT's
-  ``q_bias``/``v_bias``, one entry per query or key/value channel);
+  vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/k/v biases (BEiT's
+  ``q_bias``/``v_bias`` parameters and its zero ``k_bias`` buffer, one entry per query or key/value channel); the
+  same in a leaf child without a ``weight`` (Hugging Face Swin 5.x keeps its table in a ``relative_position_bias``
+  child);
 * its normalisation children (q/k norms): per-head-dim norms are sliced only when head dims go; per-channel norms
   over all heads (OLMo-2) and ``(heads, head_dim)`` norms (Cohere) lose the removed heads;
 * extra per-head projections (DeBERTa-v2's ``pos_query_proj``/``pos_key_proj``);
@@ -50,9 +52,12 @@ def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_rem
     if q_removed:
         _own_params(spec.module, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
     skip = {id(m) for m in (spec.q, spec.k, spec.v, spec.qkv, spec.o, *(e for e, _ in spec.extras)) if m is not None}
-    for child in spec.module.children():
+    for cname, child in spec.module.named_children():
         if id(child) not in skip and not any(True for _ in child.children()):
-            _norm(child, h, d, kv, head_keep, dim_keep, q_keep, kv_keep, bool(heads), bool(dims))
+            qk = cname.lower().startswith(("q", "k"))  # q_norm/k_norm, not ALBERT's LayerNorm after the output
+            _norm(child, h, d, kv, head_keep, dim_keep, q_keep, kv_keep, bool(heads), bool(dims), qk)
+            if q_removed and "weight" not in child._parameters:  # a bias table in a child (HF Swin 5.x)
+                _own_params(child, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
     if heads and _uses_alibi(spec.module):
         _follow_alibi(spec.module, h, head_keep)
 
@@ -80,11 +85,22 @@ def _own_params(module: nn.Module, heads: int, widths: tuple[int, int], head_kee
             setattr(module, pname, _slice(param, q_keep, 0))
         elif param.dim() == 1 and pname.startswith(("k_", "v_")) and param.shape[0] == kv_width:  # BEiT's v_bias
             setattr(module, pname, _slice(param, kv_keep, 0))
+    for bname, buf in list(module._buffers.items()):  # BEiT's k_bias: a zero buffer concatenated with the biases
+        if buf is None or buf.dim() != 1:
+            continue
+        if bname.startswith("q_") and buf.shape[0] == q_width:
+            module._buffers[bname] = buf.index_select(0, torch.as_tensor(q_keep, device=buf.device))
+        elif bname.startswith(("k_", "v_")) and buf.shape[0] == kv_width:
+            module._buffers[bname] = buf.index_select(0, torch.as_tensor(kv_keep, device=buf.device))
 
 
 def _norm(child: nn.Module, heads: int, d: int, kv: int, head_keep: list[int], dim_keep: list[int],
-          q_keep: list[int], kv_keep: list[int], heads_cut: bool, dims_cut: bool) -> None:
-    """A q/k norm (or any leaf holding a per-channel weight) sliced like its heads / head dims."""
+          q_keep: list[int], kv_keep: list[int], heads_cut: bool, dims_cut: bool, qk: bool = True) -> None:
+    """A q/k norm (or any leaf holding a per-channel weight) sliced like its heads / head dims.
+
+    A norm over all query (or key/value) channels is sliced only when named like a q/k norm (``qk``): a norm of the
+    same width named otherwise (ALBERT's ``LayerNorm``, inside the attention module) normalises the residual stream.
+    """
     weight = child._parameters.get("weight")
     if weight is None or isinstance(child, (nn.Linear, nn.Embedding)) or weight.dim() > 2:
         return
@@ -98,9 +114,9 @@ def _norm(child: nn.Module, heads: int, d: int, kv: int, head_keep: list[int], d
             new = _slice(_slice(p, head_keep, 0), dim_keep, 1) if heads_cut or dims_cut else p
         elif p.dim() == 1 and p.shape[0] == d and dims_cut and d not in (heads * d, kv * d):
             new = _slice(p, dim_keep, 0)  # a norm over the head dim, shared by every head (Qwen3, OLMo)
-        elif p.dim() == 1 and p.shape[0] == heads * d and p.shape[0] != d and len(q_keep) < p.shape[0]:
+        elif qk and p.dim() == 1 and p.shape[0] == heads * d and p.shape[0] != d and len(q_keep) < p.shape[0]:
             new = _slice(p, q_keep, 0)  # over all query channels (OLMo-2's q_norm)
-        elif p.dim() == 1 and p.shape[0] == kv * d and p.shape[0] != d and len(kv_keep) < p.shape[0]:
+        elif qk and p.dim() == 1 and p.shape[0] == kv * d and p.shape[0] != d and len(kv_keep) < p.shape[0]:
             new = _slice(p, kv_keep, 0)
         if new is not p:
             setattr(child, pname, new)

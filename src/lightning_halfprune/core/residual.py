@@ -10,7 +10,9 @@ patch embedding, ...). Rather than trusting that every such root was recognised,
 * its embeddings and norm layers (LayerNorm, RMSNorm and look-alikes) whose width is a hidden size, i.e. the width
   of an attention output or a config's ``hidden_size``/``d_model``/``n_embd``.
 
-Models without a recognised attention module (CNNs, MLPs, ``nn.MultiheadAttention`` models, which torch-pruning cuts
+A model without a recognised attention module but with a token embedding at its config's hidden size (Mamba and
+other state-space or recurrent Hugging Face LMs) has its embeddings and norms at that width as its stream. Other
+models without a recognised attention module (CNNs, MLPs, ``nn.MultiheadAttention`` models, which torch-pruning cuts
 by embedding width itself) have no stream here: nothing is refused.
 """
 
@@ -29,9 +31,9 @@ _NOT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instance
 def stream_modules(model: nn.Module, specs: Iterable) -> set[nn.Module]:
     """Layers whose width is the residual stream of ``model`` (attention outputs, embeddings, norms); empty if none."""
     outputs = {s.o for s in specs}
-    if not outputs:
-        return set()
     widths = {w for o in outputs if (w := out_width(o))} | _config_widths(model)
+    if not outputs and not any(isinstance(m, nn.Embedding) and m.embedding_dim in widths for m in model.modules()):
+        return set()  # no attention and no token embedding at a config's hidden size: not a residual-stream model
     stream: set[nn.Module] = set(outputs)
     for m in model.modules():
         if isinstance(m, nn.Embedding) and m.embedding_dim in widths:

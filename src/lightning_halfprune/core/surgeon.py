@@ -107,7 +107,9 @@ class Surgeon:
         if not self.original_widths:
             raise ValueError(
                 f"{type(model).__name__} has nothing prunable: every Conv/Linear layer is ignored or produces the "
-                "model's output. Check `ignored_layers`."
+                "model's output, or its groups were left out (the warnings above say why: torch-pruning could not "
+                "search them, or they would change the residual stream, which `prune_hidden_size=False` keeps). "
+                "Check `ignored_layers`."
             )
 
     # ---------------------------------------------------------------- graph
