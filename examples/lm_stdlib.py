@@ -1,13 +1,13 @@
 """Prune a language model while you fine-tune it: one command, CPU, no download.
 
-    python examples/lm_stdlib.py                # parent 400 steps, then 200 fine-tune steps: dense vs HalfPrune 0.5
-    python examples/lm_stdlib.py --ratio 0.3 --steps 600
+    python examples/lm_stdlib.py                # parent 600 steps, then 300 fine-tune steps: dense vs HalfPrune 0.5
+    python examples/lm_stdlib.py --ratio 0.3 --steps 400
 
 A byte-level Hugging Face Qwen3 (1.05M params) is trained on the Python standard library's sources (the parent),
-then fine-tuned on other files twice: dense, and with ``HalfPrune(**presets.finetuning(ratio))``, which cuts
-``ratio`` of the MLP neurons and attention heads after the 5th step (ranked by Taylor importance on calibration
-batches), lets the parent teach the pruned model on its logits for the rest of the fine-tune, and warms the LR up
-again after the cut. Prints validation bits per byte, parameters and MACs per token of both. See the README's
+then fine-tuned on other files twice: dense, and with ``HalfPrune(**presets.finetuning(ratio))``, which removes
+``ratio`` of the MLP and attention params after the 5th step (ranked by Taylor importance on calibration batches,
+heads last: the split between heads and MLP neurons with the lowest calibration loss), lets the parent teach the
+pruned model on its logits for the rest of the fine-tune, and warms the LR up again after the cut. Prints validation bits per byte, parameters and MACs per token of both. See the README's
 "Language models: prune while you fine-tune" and ``benchmarks/lm.md`` for what to expect.
 """
 
@@ -31,8 +31,8 @@ from lightning_halfprune.core.measure import MacCounter, count_params  # noqa: E
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of MLP neurons and heads to remove")
-    parser.add_argument("--steps", type=int, default=400, help="parent steps; the fine-tune takes half as many")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the MLP and attention params to remove")
+    parser.add_argument("--steps", type=int, default=600, help="parent steps; the fine-tune takes half as many")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
