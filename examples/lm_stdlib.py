@@ -7,7 +7,8 @@ A byte-level Hugging Face Qwen3 (1.05M params) is trained on the Python standard
 then fine-tuned on other files twice: dense, and with ``HalfPrune(**presets.finetuning(ratio))``, which removes
 ``ratio`` of the MLP and attention params after the 5th step (ranked by Taylor importance on calibration batches,
 heads last: the split between heads and MLP neurons with the lowest calibration loss), lets the parent teach the
-pruned model on its logits for the rest of the fine-tune, and warms the LR up again after the cut. Prints validation bits per byte, parameters and MACs per token of both. See the README's
+pruned model on its logits for the rest of the fine-tune, and warms the LR up again after the cut. Prints
+validation bits per byte, parameters and MACs per token of both. See the README's
 "Language models: prune while you fine-tune" and ``benchmarks/lm.md`` for what to expect.
 """
 
