@@ -140,6 +140,7 @@ def run_one(name: str) -> dict:
     x = model.example_input_array
     with torch.no_grad():
         shape = tuple(model.eval()(x).shape)
+    model.train()  # Lightning keeps the mode a module comes in: left in eval, a model trains in eval mode
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tied_before = _tied(model)
     row["params_before"] = count_params(model)
