@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from lightning_halfprune.core import moe
 from lightning_halfprune.core.graph import ChannelGroup
 
 STEPS = 40  # bisection steps over the fraction of channels cut (well below one channel of any real layer)
@@ -52,7 +51,8 @@ def unit_params(g: ChannelGroup) -> float:
 
 
 def splits(
-    groups: Sequence[ChannelGroup],
+    channels: Sequence[ChannelGroup],
+    heads: Sequence[ChannelGroup],
     original_widths: dict[str, int],
     ratio: float,
     max_layer_ratio: float,
@@ -62,10 +62,9 @@ def splits(
 
     One per number of head units removed (``h`` rising from what is cut already), each with the least ``f`` that
     reaches the goal (none where ``f`` would pass ``max_layer_ratio``); the first one is "heads last". ``keep(g,
-    f)``: the channels group ``g`` keeps at ratio ``f`` (the planner's own rounding and floors).
+    f)``: the channels group ``g`` keeps at ratio ``f`` (the planner's own rounding and floors). ``channels``: the
+    channel groups (routed experts excluded), ``heads``: the attention modules.
     """
-    channels = [g for g in groups if g.attention is None and not isinstance(g.group, moe.ExpertGroup)]
-    heads = [g for g in groups if g.attention is not None]
     if not channels or not heads:
         return [(ratio, ratio)]
     per_channel = {g.name: channel_params(g) for g in channels}
@@ -83,16 +82,20 @@ def splits(
         return sum(per_unit[name] * n for name, n in units.items())
 
     most = max(units_original.values())
+    least_channels = channels_kept(max_layer_ratio)
     found: list[tuple[float, float]] = []
+    last_heads = None
     for removed in range(int(round(most))):
         h = removed / most
-        if h > max_layer_ratio or (found and heads_kept(h) == heads_kept(found[-1][1])):
+        with_heads = heads_kept(h)
+        if h > max_layer_ratio or with_heads == last_heads:
             continue
-        if channels_kept(max_layer_ratio) + heads_kept(h) > goal:
+        if least_channels + with_heads > goal:
             continue  # the channel groups cannot give the rest
         lo, hi = 0.0, max_layer_ratio
         for _ in range(STEPS):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if channels_kept(mid) + heads_kept(h) > goal else (lo, mid)
+            lo, hi = (mid, hi) if channels_kept(mid) + with_heads > goal else (lo, mid)
         found.append((math.ceil(hi * 1e9) / 1e9, h))
+        last_heads = with_heads
     return found or [(ratio, ratio)]

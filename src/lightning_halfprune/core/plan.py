@@ -140,15 +140,15 @@ class Planner:
         self, groups: Sequence[ChannelGroup], ratio: float, score: Callable[[Any], torch.Tensor | None]
     ) -> list[list[Cut]]:
         """``attention="heads_last"``: the plans that keep the parameters of ``ratio``, fewest heads removed first."""
-        keep = lambda g, f: self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - f) + 0.5)))  # noqa: E731
         known = [g for g in groups if g.name in self.original_widths]
         planner = replace(self, attention="heads")
         experts = [g for g in known if isinstance(g.group, moe.ExpertGroup)]
         channels = [g for g in known if g.attention is None and not isinstance(g.group, moe.ExpertGroup)]
         heads = [g for g in known if g.attention is not None]
+        options = allocation.splits(channels, heads, self.original_widths, ratio, self.max_layer_ratio, self._kept)
         return [
             planner.plan(channels, f, score) + planner.plan(heads, h, score) + planner.plan(experts, ratio, score)
-            for f, h in allocation.splits(known, self.original_widths, ratio, self.max_layer_ratio, keep)
+            for f, h in options
         ]
 
     def _plan_attention(
@@ -183,10 +183,12 @@ class Planner:
         keep = _round_up(keep, g.slots)
         return min(keep, g.width)
 
+    def _kept(self, g: ChannelGroup, ratio: float) -> int:
+        """Channels group ``g`` keeps at cumulative ``ratio`` of its original width (rounding and floors)."""
+        return self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - ratio) + 0.5)))
+
     def _local_keep(self, scored: list, ratio: float) -> dict[str, int]:
-        return {
-            g.name: self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - ratio) + 0.5))) for g, _ in scored
-        }
+        return {g.name: self._kept(g, ratio) for g, _ in scored}
 
     def _global_keep(
         self, scored: list, ratio: float, heads: list | None = None
