@@ -88,3 +88,6 @@ def test_every_private_name_compat_relies_on_still_exists():
     assert callable(DDPStrategy._setup_model) and callable(DDPStrategy._register_ddp_hooks)
     assert callable(LightningCLI._instantiate_trainer)
     assert hasattr(ModelCheckpoint(), "_last_global_step_saved") and hasattr(pl.LightningModule(), "_trainer")
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert callable(_TrainingEpochLoop._should_accumulate)  # HalfPrune lets go of spent gradients by it

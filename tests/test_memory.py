@@ -8,7 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
-from lightning_halfprune import Distill, Guard, HalfPrune
+from lightning_halfprune import Distill, Guard, HalfPrune, Schedule
+from lightning_halfprune.core.scoring import get_scorer
+from lightning_halfprune.core.surgeon import Surgeon
+from lightning_halfprune.fit.rebind import rebind_optimizers
 from models import Classifier, loaders, trainer
 
 
@@ -75,3 +78,111 @@ def test_the_original_architecture_is_kept_without_its_weights(tmp_path):
     trainer(tmp_path, max_epochs=2, callbacks=[prune]).fit(Classifier("resnet"), train, val)
     assert prune._speed.original.nbytes < prune._speed.original.shape_bytes / 10  # buffers only, no weights
     assert prune.final_speed is not None  # timed against it all the same, with random weights
+
+
+# ------------------------------------------------------------------ the event's own peak: what a cut holds at once
+def adam_after_one_step():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_the_optimizer_moves_to_the_pruned_model_one_parameter_at_a_time():
+    model, optimizer = adam_after_one_step()
+    surgeon = Surgeon(model, torch.zeros(2, 6))
+    old = [weakref.ref(s["exp_avg"]) for s in optimizer.state.values()]
+    alive_when_slicing = []
+
+    def rebind(remap):
+        slice_like = remap.slice_like
+
+        def watched(param, value):  # how many old moments are still alive as each state tensor is sliced
+            alive_when_slicing.append(sum(r() is not None for r in old))
+            return slice_like(param, value)
+
+        remap.slice_like = watched
+        rebind_optimizers([optimizer], remap)
+
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")), then=rebind)
+    pruned = 5  # both hidden layers' weights and biases, and the last weight's inputs
+    assert [p.shape for p in model.parameters()] == [(8, 6), (8,), (8, 8), (8,), (3, 8), (3,)]
+    # the old state of each parameter is let go before the next is sliced, never a second copy of all of it
+    assert max(alive_when_slicing) == len(old) and min(alive_when_slicing) == len(old) - pruned + 1
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+
+
+def test_an_interrupted_optimizer_move_puts_it_back_on_the_old_parameters():
+    model, optimizer = adam_after_one_step()
+    params = list(model.parameters())
+    moments = {p: optimizer.state[p]["exp_avg"] for p in params}
+    surgeon = Surgeon(model, torch.zeros(2, 6))
+    calls = []
+
+    def rebind(remap):
+        slice_like = remap.slice_like
+
+        def interrupted(param, value):
+            calls.append(param)
+            if len({id(p) for p in calls}) == 3:
+                raise KeyboardInterrupt
+            return slice_like(param, value)
+
+        remap.slice_like = interrupted
+        rebind_optimizers([optimizer], remap)
+
+    with pytest.warns(UserWarning, match=r"back on the old parameters.*2 parameter\(s\) already moved starts over"):
+        with pytest.raises(KeyboardInterrupt):
+            surgeon.cut(surgeon.plan(0.5, get_scorer("l2")), then=rebind)
+    assert all(p is q for p, q in zip(model.parameters(), params, strict=True)) and model[0].out_features == 16
+    assert all(p is q for p, q in zip(optimizer.param_groups[0]["params"], params, strict=True))
+    moved = {id(p): p for p in calls}
+    assert len(moved) == 3 and all(p not in optimizer.state for p in list(moved.values())[:2])  # they start over
+    assert all(optimizer.state[p]["exp_avg"] is moments[p] for p in params if id(p) not in list(moved)[:2])
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()  # and training goes on
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in params)
+
+
+class GradsAfterCut(Callback):
+    """After HalfPrune on the batch of its step-interval cut: does the model still hold gradients?"""
+
+    def __init__(self, prune: HalfPrune) -> None:
+        self.prune, self.grads = prune, None
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.prune.history and self.grads is None:
+            self.grads = [None if p.grad is None else (p.grad.shape == p.shape) for p in pl_module.parameters()]
+
+
+class ManualClassifier(Classifier):
+    """Manual optimization: HalfPrune cannot tell whether the gradients are still wanted, so it keeps them."""
+
+    def __init__(self) -> None:
+        super().__init__("resnet", optimizer="adamw")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("optimization", ["automatic", "accumulating", "manual"])
+def test_a_cut_lets_go_of_spent_gradients(tmp_path, optimization):
+    prune = HalfPrune(Schedule({1: 0.5}, interval="step"), timing=None, verbose=False)
+    after = GradsAfterCut(prune)
+    model = ManualClassifier() if optimization == "manual" else Classifier("resnet", optimizer="adamw")
+    accumulate = 2 if optimization == "accumulating" else 1
+    fit = trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[prune, after])
+    fit.fit(model, loaders()[0])
+    assert model.net.blocks[0].conv1.out_channels == 8
+    if optimization == "manual":  # carried through the cut, sliced like their parameters
+        assert after.grads == [True] * len(after.grads)
+    else:  # the step used them and the next one zeroes them: not carried through the cut
+        assert after.grads == [None] * len(after.grads)
+    assert len(model.losses) == 8 and all(torch.isfinite(torch.tensor(model.losses)))

@@ -35,11 +35,11 @@ from lightning_halfprune.fit import monitor as monitor_
 from lightning_halfprune.fit.distill import Distiller
 from lightning_halfprune.fit.distributed import check_strategy, from_rank_zero
 from lightning_halfprune.fit.guard import AccuracyGuard, ModelSnapshot
-from lightning_halfprune.fit.rebind import check_optimizers, rebind_optimizers, rewrap_ddp
+from lightning_halfprune.fit.rebind import check_optimizers, drop_spent_grads, rebind_optimizers, rewrap_ddp
 from lightning_halfprune.fit.regularize import add_bn_l1_grad, add_group_lasso_grad
 from lightning_halfprune.fit.rewind import LRRewinder
 from lightning_halfprune.options import Calibration, Distill, Guard, Sparsity, Timing
-from lightning_halfprune.report import ModelStats, PruneReport
+from lightning_halfprune.report import ModelStats, PruneReport, timed
 from lightning_halfprune.schedule import Schedule
 from lightning_halfprune.state import PruneState
 
@@ -329,12 +329,13 @@ class HalfPrune(Callback):
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        drop_spent_grads(trainer, pl_module)  # a cut would keep them alive beside the pruned copies it makes
         copies = averaging.averaged_copies(trainer)
         snapshot = ModelSnapshot(pl_module, trainer.optimizers, copies) if self.guard is not None else None
-        with _timed(timings, "measure"):
+        with timed(timings, "measure"):
             before, metric_before = self._stats(pl_module), self.metric.last(trainer)
         old = self._speed.before_cut(pl_module)
-        with _timed(timings, "score"):
+        with timed(timings, "score"):
             cuts, aim = planning.plan(trainer, pl_module, self, ratio)
         if not cuts:
             rank_zero_warn(
@@ -344,9 +345,9 @@ class HalfPrune(Callback):
             return None
         teacher_due = self._distiller is not None and self._distiller.due()
         if teacher_due:  # the pre-cut tensors the cut frees become the teacher: no copy of the model
-            with _timed(timings, "teacher"):
+            with timed(timings, "teacher"):
                 self._distiller.take_teacher(pl_module)
-        with _timed(timings, "cut"):
+        with timed(timings, "cut"):
             try:
                 cuts = self._cut(trainer, cuts, copies)
             finally:
@@ -354,10 +355,10 @@ class HalfPrune(Callback):
                     self._distiller.seal(pl_module)
             rewrap_ddp(trainer.strategy)
         self._restart_after_cut(trainer)
-        with _timed(timings, "measure"):
+        with timed(timings, "measure"):
             after = self._stats(pl_module)
             metric_after_cut = self.metric.evaluate(trainer, pl_module)
-        with _timed(timings, "latency"):
+        with timed(timings, "latency"):
             speed = self._speed.compare(pl_module, old, self.surgeon.example_input)
             del old  # the old architecture's tensors can go now
             aim = self._reached(pl_module, aim, speed)
@@ -379,7 +380,7 @@ class HalfPrune(Callback):
             speed=speed,
             aim=aim,
         )
-        with _timed(timings, "log"):
+        with timed(timings, "log"):
             publish.event(trainer, report, len(self.reports), self.verbose)
         report.seconds = time.perf_counter() - start
         self.reports.append(from_rank_zero(trainer.strategy, report))
@@ -490,11 +491,3 @@ class HalfPrune(Callback):
         example = self.surgeon.example_input
         return ModelStats(count_params(pl_module), self._macs(pl_module, example), layer_widths(pl_module))
 
-
-@contextmanager
-def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -223,3 +226,13 @@ def final_summary(
     if first.metric_before is not None and end is not None:
         out["halfprune/final_metric_delta"] = end - first.metric_before
     return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[key]`` (a phase of a prune event, as ``PruneReport.timings``)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

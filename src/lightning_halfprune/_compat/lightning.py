@@ -16,6 +16,17 @@ def trainer_of(module: Any) -> Any:
     return getattr(module, "_trainer", None)
 
 
+def grads_spent(trainer: Any) -> bool:
+    """True if the optimizers just stepped on the gradients the model holds, which the next step sets to zero.
+
+    So with automatic optimization, on a batch that ends an accumulation (Lightning's ``_should_accumulate``).
+    False where that cannot be told (manual optimization, a Lightning without that method): keep them then.
+    """
+    module = trainer.lightning_module
+    should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    return bool(module.automatic_optimization) and should_accumulate is not None and not should_accumulate()
+
+
 def no_save_before(checkpoint_callback: Any, step: int) -> None:
     """Tell a ``ModelCheckpoint`` it already saved at ``step`` (so it does not save right after a cut)."""
     checkpoint_callback._last_global_step_saved = step

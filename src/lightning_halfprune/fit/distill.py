@@ -133,7 +133,9 @@ class Distiller:
         for m in self.teacher.modules():
             for registry in (m._parameters, m._buffers):
                 for key, t in registry.items():
-                    if t is not None and id(t) in live:
+                    if t is not None and id(t) not in live:
+                        t.grad = None  # a pre-cut tensor the teacher now owns: its gradient was the student's
+                    elif t is not None:
                         clone = t.detach().clone()
                         is_param = isinstance(t, nn.Parameter)
                         registry[key] = nn.Parameter(clone, requires_grad=False) if is_param else clone

@@ -17,11 +17,12 @@ training (``check_optimizers``), and after every rebind no optimizer may still h
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_halfprune._compat import lightning as lc
@@ -56,37 +57,68 @@ def check_optimizers(optimizers: Sequence[torch.optim.Optimizer], params: Sequen
 def rebind_optimizers(optimizers: Sequence[torch.optim.Optimizer], remap: ParamRemap) -> None:
     """Move ``optimizers`` onto the parameters that replaced the old ones, slicing their state alike.
 
-    Everything new is computed first and swapped in at the end, so an error leaves the optimizers untouched.
-    Each state tensor is copied once at its new (smaller) size: at most one extra copy of the state in flight.
-    Raises ``CarryError`` if an optimizer would still hold a parameter of the old model afterwards.
+    One parameter at a time: its sliced state is made and its old state let go before the next, so the move needs
+    the memory of one parameter's state, not a second copy of all of it (AdamW's state is twice the model).
+    What could refuse the move is checked before anything moves. If the move fails anyway (out of memory,
+    Ctrl-C), every optimizer is pointed back at the old parameters; the state already sliced cannot be put back
+    and starts over for those parameters, with a warning. Raises ``CarryError`` if an optimizer would hold a
+    parameter of the old model outside its param groups and state.
     """
     if not len(remap):
         return
-    staged = [(optimizer, *_staged(optimizer, remap)) for optimizer in optimizers]
-    for optimizer, params, state in staged:
-        for group, new_params in zip(optimizer.param_groups, params, strict=True):
-            group["params"] = new_params
-        optimizer.state.clear()
-        optimizer.state.update(state)
+    _check_nothing_old(optimizers, remap, moved=False)
+    undos: list[Callable[[], None]] = []
+    try:
+        for optimizer in optimizers:
+            undos.append(_move(optimizer, remap))
+    except BaseException:
+        for undo in undos:
+            undo()
+        raise
+
+
+def _move(optimizer: torch.optim.Optimizer, remap: ParamRemap) -> Callable[[], None]:
+    """Move one optimizer, parameter by parameter; returns how to point it back (undoing itself if it fails)."""
+    groups = [group["params"] for group in optimizer.param_groups]
+    moved: list[torch.Tensor] = []
+    reset: list[str] = []
+
+    def undo() -> None:
+        for group, params in zip(optimizer.param_groups, groups, strict=True):
+            group["params"] = params
+        for p in moved:
+            optimizer.state.pop(remap.new(p), None)
+        if moved:
+            rank_zero_warn(
+                f"HalfPrune could not finish moving {type(optimizer).__name__} to the pruned model; it is back on the "
+                f"old parameters, and the state of the {len(moved)} parameter(s) already moved starts over."
+            )
+
+    try:
+        for group in optimizer.param_groups:
+            group["params"] = [remap.new(p) for p in group["params"]]
+        for p in [p for p in optimizer.state if p in remap.steps]:
+            state = optimizer.state.pop(p)
+            try:
+                optimizer.state[remap.new(p)] = {key: remap.slice_like(p, value) for key, value in state.items()}
+            except ValueError as err:  # state that does not follow the parameter's shape: started over
+                reset.append(str(err))
+            except BaseException:
+                optimizer.state[p] = state
+                raise
+            moved.append(p)
+            del state  # this parameter's old state goes before the next one is sliced
         _rebuild_caches(optimizer)
-    _check_nothing_old(optimizers, remap)
-
-
-def _staged(optimizer: torch.optim.Optimizer, remap: ParamRemap) -> tuple[list, dict]:
-    params = [[remap.new(p) for p in group["params"]] for group in optimizer.param_groups]
-    state: dict[torch.Tensor, dict[str, Any]] = {}
-    reset = []
-    for p, s in optimizer.state.items():
-        try:
-            state[remap.new(p)] = {key: remap.slice_like(p, value) for key, value in s.items()}
-        except ValueError as err:  # state that does not follow the parameter's shape: started over
-            reset.append(str(err))
+        _check_nothing_old([optimizer], remap, moved=True)
+    except BaseException:
+        undo()
+        raise
     if reset and type(optimizer).__name__ not in _REBUILT:
         rank_zero_warn(
             f"HalfPrune reset the {type(optimizer).__name__} state of {len(reset)} pruned parameter(s), which it "
             f"cannot slice ({reset[0]}); the optimizer initialises it again at its next step."
         )
-    return params, state
+    return undo
 
 
 def _rebuild_caches(optimizer: torch.optim.Optimizer) -> None:
@@ -99,14 +131,17 @@ def _rebuild_caches(optimizer: torch.optim.Optimizer) -> None:
     rank_zero_info(f"HalfPrune: LBFGS after the cut: {_REBUILT['LBFGS']}.")
 
 
-def _check_nothing_old(optimizers: Sequence[torch.optim.Optimizer], remap: ParamRemap) -> None:
+def _check_nothing_old(optimizers: Sequence[torch.optim.Optimizer], remap: ParamRemap, moved: bool) -> None:
+    """Before the move: no attribute the move does not rewrite holds an old parameter; after it: none at all."""
     old = {id(p) for p in remap.steps}
+    unchecked = ("defaults",) if moved else ("defaults", "state", "param_groups")
     for optimizer in optimizers:
+        rebuilt = ("_params",) if type(optimizer).__name__ in _REBUILT and not moved else ()
         for attribute, value in vars(optimizer).items():
-            if attribute != "defaults" and any(id(t) in old for t in _tensors_in(value)):
+            if attribute not in (*unchecked, *rebuilt) and any(id(t) in old for t in _tensors_in(value)):
                 raise CarryError(
-                    f"after moving {type(optimizer).__name__} to the pruned model it still holds a parameter of the "
-                    f"old model in `{attribute}`; the cut was undone."
+                    f"{type(optimizer).__name__} keeps a parameter of the old model in `{attribute}`, where moving it "
+                    "to the pruned model cannot reach; the cut was undone."
                 )
 
 
@@ -121,6 +156,23 @@ def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif depth < 4 and isinstance(value, (list, tuple, set)):
         for v in value:
             yield from _tensors_in(v, depth + 1)
+
+
+def drop_spent_grads(trainer: Any, module: nn.Module) -> int:
+    """Let go of the gradients the optimizers have already used, before a cut; returns the bytes let go.
+
+    Lightning sets them to zero before the next step anyway, but a cut would keep them alive beside the pruned
+    copies it makes (torch-pruning slices ``.grad`` along with each parameter): on a model that fills the device,
+    the largest extra cost of a prune event. Gradients still being accumulated, or under manual optimization, stay.
+    """
+    if not lc.grads_spent(trainer):
+        return 0
+    freed = 0
+    for p in module.parameters():
+        if p.grad is not None:
+            freed += p.grad.numel() * p.grad.element_size()
+            p.grad = None
+    return freed
 
 
 def rewrap_ddp(strategy: Any) -> bool:
