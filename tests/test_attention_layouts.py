@@ -44,6 +44,16 @@ def test_interleaved_rows_match_neox_and_bloom_split():
 
 
 # ------------------------------------------------------------------ every family, through the Surgeon
+def test_output_columns_are_scored_with_their_own_heads_query_rows():
+    """GPT-NeoX interleaves q|k|v per head: column c of the output projection adds to query channel c's row, not
+    to row c (a row of another head's key or value)."""
+    model = LayoutModule("neox").eval()
+    surgeon = Surgeon(model, (example("neox"),))
+    group = next(g for g in surgeon.groups() if g.attention is not None)
+    spec, o_roots = group.attention, group.group[len(group.group) - 1].root_idxs
+    assert [layouts.from_physical(spec, [r]) for r in o_roots] == [[c] for c in range(spec.q_width)]
+
+
 def _attention_cuts(surgeon: Surgeon, ratio: float = 0.5) -> list[Cut]:
     roots = {s.root_name for s in attn.find_attention(surgeon.model)}
     return [c for c in surgeon.plan(ratio, get_scorer("l2")) if c.layer in roots]

@@ -249,7 +249,7 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
         kv_roots = [_kv_to_q(spec, c) for c in range(spec.num_kv_heads * spec.head_dim)]
         add(spec.k, True, list(range(len(kv_roots))), kv_roots)
         add(spec.v, True, list(range(len(kv_roots))), kv_roots)
-    add(spec.o, False, list(range(spec.q_width)), list(range(spec.q_width)))
+    add(spec.o, False, list(range(spec.q_width)), layouts.q_rows(spec))  # a column to its head's query row
     tpc.set_graph(group, graph)
     return group
 

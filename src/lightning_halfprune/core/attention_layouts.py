@@ -75,6 +75,13 @@ def _rows(spec: AttentionSpec) -> list[int]:
     return rows(spec.layout, spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
 
+def q_rows(spec: AttentionSpec) -> list[int]:
+    """The physical rows of the query channels, in head order (the output projection's input columns)."""
+    if spec.qkv is None or spec.layout == BLOCKED:
+        return list(range(spec.q_width))
+    return _rows(spec)[: spec.q_width]
+
+
 def to_logical(spec: AttentionSpec, scores: torch.Tensor) -> torch.Tensor:
     """A fused projection's per-row scores in blocked (q | k | v) order."""
     if spec.qkv is None or spec.layout == BLOCKED:
