@@ -10,11 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 
 VOCAB, SEQ, HIDDEN, HEADS = 64, 8, 64, 4
 ENCODER_DECODER = {"whisper", "t5"}
-KINDS = ("neox", "falcon_mqa", "falcon_grouped", "falcon_alibi", "bloom", "modernbert", "deberta_v2", "whisper", "t5")
+KINDS = ("neox", "falcon_mqa", "falcon_grouped", "falcon_alibi", "bloom", "modernbert", "deberta_v2", "whisper", "t5",
+         "codegen", "codegen_16")
 
 
 def build(kind: str) -> nn.Module:
-    """A 2-layer model of ``kind`` (hidden 64, 4 heads), eval-deterministic (no dropout)."""
+    """A 2-layer model of ``kind`` (hidden 64, 4 heads but CodeGen), eval-deterministic (no dropout)."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -57,6 +58,10 @@ def build(kind: str) -> nn.Module:
             d_model=HIDDEN, d_kv=16, d_ff=128, num_layers=2, num_heads=HEADS, vocab_size=VOCAB,
             relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=0,
             decoder_start_token_id=0))
+    if kind.startswith("codegen"):  # q|v|k in 4 shards: 8 heads lose whole shards, 16 one head of every shard
+        return tf.CodeGenForCausalLM(tf.CodeGenConfig(
+            n_embd=HIDDEN, n_head=int(kind.partition("_")[2] or 8), n_layer=2, n_positions=32, n_ctx=32, rotary_dim=4,
+            vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     raise ValueError(kind)
 
 

@@ -17,6 +17,7 @@ from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune.core import attention as attn  # noqa: E402
 from lightning_halfprune.core import attention_layouts as layouts  # noqa: E402
 from lightning_halfprune.core import head_check  # noqa: E402
+from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
 from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
 from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
@@ -41,6 +42,60 @@ def test_interleaved_rows_match_neox_and_bloom_split():
     expected = torch.cat([fused[:, i].reshape(-1) for i in range(3)]).tolist()
     assert layouts.rows(layouts.GROUPED, heads, heads, d) == expected
     assert layouts.rows(layouts.BLOCKED, heads, heads, d) == list(range(3 * heads * d))
+
+
+@pytest.mark.parametrize(("heads", "shards"), [(4, 4), (8, 4), (16, 4), (6, 3), (4, 1)])
+def test_sharded_rows_match_codegens_own_split(heads, shards):
+    """CodeGen: view(shards, 3 * local) -> split(local) gives query, *value*, key; then reshape(heads, head_dim)."""
+    d = 2
+    local = heads * d // shards
+    query, value, key = torch.arange(3 * heads * d).view(shards, 3 * local).split(local, dim=-1)
+    expected = torch.cat([t.reshape(-1) for t in (query, key, value)]).tolist()
+    assert layouts.rows(layouts.SHARDED, heads, heads, d, shards) == expected
+
+
+def _codegen(heads: int):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.CodeGenForCausalLM(tf.CodeGenConfig(
+        n_embd=64, n_head=heads, n_layer=1, n_positions=32, n_ctx=32, rotary_dim=4, vocab_size=64, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+@pytest.mark.parametrize(("heads", "removed", "kept_shards"), [
+    (8, [2, 3, 6, 7], 2),  # whole shards 1 and 3 (two heads per shard, four shards)
+    (16, [1, 5, 9, 13], 4),  # position 1 of every shard (four heads per shard)
+    (16, [0, 3, 4, 7, 8, 11, 12, 15], 4),  # positions 0 and 3 of every shard
+    (4, [0, 1, 2], 1),  # three whole shards of one head
+])
+def test_codegen_heads_cut_by_shard_compute_exactly_without_them(heads, removed, kept_shards):
+    """Named heads cut from a real CodeGen's sharded `qkv_proj`: the same output as zeroing their out_proj columns."""
+    net, x = _codegen(heads), torch.randint(1, 64, (2, 8))
+    spec = attn.find_attention(net)[0]
+    assert (spec.layout, spec.shards, spec.uncut, spec.units) == (layouts.SHARDED, 4, None, 4)
+    cut = Cut(spec.root_name, layouts.to_physical(spec, [c for h in removed for c in _head_rows(spec, h)]))
+    reference = head_check.without_heads(net, [cut])
+    Surgeon(net, {"input_ids": x, "use_cache": False}).cut([cut])
+    a = net.transformer.h[0].attn
+    kept = heads - len(removed)
+    assert (a.num_attention_heads, a.mp_num, a.embed_dim, a.head_dim) == (kept, kept_shards, kept * 64 // heads,
+                                                                         64 // heads)
+    assert a.qkv_proj.weight.shape == (3 * a.embed_dim, 64) and a.out_proj.weight.shape == (64, a.embed_dim)
+    assert net.config.n_head == kept and net.config.n_embd == 64
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_codegen_cut_that_unbalances_its_shards_is_refused():
+    net = _codegen(8)
+    spec = attn.find_attention(net)[0]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cut = Cut(spec.root_name, layouts.to_physical(spec, _head_rows(spec, 2)))  # one head of shard 1 only
+    with pytest.raises(SurgeryError, match="unequal head counts"):
+        Surgeon(net, {"input_ids": torch.ones(1, 8, dtype=torch.long), "use_cache": False}).cut([cut])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.transformer.h[0].attn.mp_num == 4 and net.transformer.h[0].attn.embed_dim == 64
 
 
 # ------------------------------------------------------------------ every family, through the Surgeon
@@ -219,8 +274,8 @@ def test_albert_layer_norm_inside_the_attention_module_keeps_its_width():
 
 
 # ------------------------------------------------------------------ ambiguous layouts, the residual-stream guard
-class CodeGenAttention(nn.Module):
-    """Named like CodeGen's: a fused ``qkv_proj`` in a sharded layout HalfPrune does not know."""
+class DisentangledSelfAttention(nn.Module):
+    """Named like DeBERTa (v1)'s: a fused projection in a layout HalfPrune does not know."""
 
     def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
         super().__init__()
@@ -237,7 +292,7 @@ class AmbiguousNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(6, 32)
-        self.attn = CodeGenAttention()
+        self.attn = DisentangledSelfAttention()
         self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
         self.head = nn.Linear(32, 3)
 
@@ -249,7 +304,8 @@ class AmbiguousNet(nn.Module):
 
 def test_an_ambiguous_fused_layout_is_left_uncut_with_a_warning():
     net, x = AmbiguousNet(), torch.randn(2, 5, 6)
-    with pytest.warns(UserWarning, match=r"leaves the attention heads of 'attn' \(CodeGenAttention\) uncut"):
+    match = r"leaves the attention heads of 'attn' \(DisentangledSelfAttention\) uncut: .* a guessed layout"
+    with pytest.warns(UserWarning, match=match):
         surgeon = Surgeon(net, x)
     assert "attn.qkv_proj" not in surgeon.widths and "attn.out_proj" not in surgeon.widths
     surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
@@ -257,7 +313,7 @@ def test_an_ambiguous_fused_layout_is_left_uncut_with_a_warning():
     assert net.mlp[0].out_features == 32
 
 
-class FunctionalAttention(CodeGenAttention):
+class FunctionalAttention(DisentangledSelfAttention):
     """Both projections used through ``F.linear`` on their weights: torch-pruning's trace never sees them."""
 
     def forward(self, x):

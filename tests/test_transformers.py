@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune.core import attention as attn  # noqa: E402
+from lightning_halfprune.core import head_check  # noqa: E402
 from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
 from lightning_halfprune.core.measure import MacCounter, count_params  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
@@ -359,3 +360,42 @@ def test_swin_style_reshape_loop_is_bounded_and_named(tmp_path):
     assert cb.history and count_params(model) < count_params(Wrapper("swin"))
     assert model(model.example_input_array).shape == (2, 3)
     assert math.isfinite(model.losses[-1])
+
+
+def test_fit_cuts_codegen_heads_shard_by_shard_and_loads_back(tmp_path):
+    """CodeGen's fused q|v|k is sharded in 4 blocks that must keep equal head counts: 8 heads (two per shard) lose
+    whole shards, `embed_dim` (its query width) and `mp_num` follow, the hidden size stays."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    before = count_params(Wrapper("codegen"))
+    model, cb = fit(tmp_path, "codegen", callbacks=[ckpt])
+    assert count_params(model) <= 0.7 * before, (count_params(model), before)
+    assert cb.left_out == {}
+    fresh = {s.root_name: s for s in attn.find_attention(Wrapper("codegen"))}
+    first = [(fresh[layer], c) for layer, c in cb.history[0]["cuts"] if layer in fresh]
+    assert len(first) == 2
+    for spec, channels in first:  # whole shards of two heads (raises if heads are mixed)
+        heads = head_check.removed_heads(spec, channels)
+        assert heads and all(h ^ 1 in heads for h in heads)
+    assert_attributes_synced(model)
+    for block in model.net.transformer.h:
+        a = block.attn
+        assert (a.num_attention_heads, a.head_dim, a.embed_dim, a.mp_num) == (4, 8, 32, 2)
+        assert a.qkv_proj.weight.shape == (96, 64) and a.out_proj.weight.shape == (64, 32)
+    assert (model.net.config.n_head, model.net.config.n_embd) == (4, 64)
+    assert all(math.isfinite(v) for v in model.losses)
+    loaded = load_pruned(Wrapper, ckpt.last_model_path)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(model.example_input_array), model.eval()(model.example_input_array))
+
+
+def test_codegen_whose_heads_do_not_split_over_its_shards_is_left_uncut(tmp_path):
+    """2 heads over CodeGen's 4 shards: a head spans two shards, so no head can go; the rest is pruned."""
+    match = r"\(CodeGenAttention\) uncut: .* its 2 heads do not split evenly over its 4 shards"
+    with pytest.warns(UserWarning, match=match):
+        model, cb = fit(tmp_path, "codegen_2", epochs=2)
+    assert cb.history and not attention_cuts(model, cb)
+    for block in model.net.transformer.h:
+        assert block.attn.qkv_proj.weight.shape == (192, 64) and block.attn.num_attention_heads == 2
+        assert block.mlp.fc_in.out_features < 256
+    assert all(math.isfinite(v) for v in model.losses)

@@ -44,6 +44,12 @@ def hf_model(kind: str) -> nn.Module:
         config = tf.Phi3Config(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                bos_token_id=0, eos_token_id=0, pad_token_id=0, **small)
         return tf.Phi3ForCausalLM(config)
+    if kind.startswith("codegen"):  # fused q|v|k sharded in 4 blocks, partial rotary; "codegen_2": 2 heads
+        heads = int(kind.partition("_")[2] or 8)
+        config = tf.CodeGenConfig(n_embd=64, n_head=heads, n_layer=2, n_positions=64, n_ctx=64, rotary_dim=4,
+                                  vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+        return tf.CodeGenForCausalLM(config)
     raise ValueError(kind)
 
 
@@ -178,7 +184,7 @@ def build(kind: str) -> nn.Module:
 
 
 IMAGE = {"vit", "vit_block", "mixer", "swin"}
-LM = {"gpt2", "llama", "qwen2", "phi3", "tied"}
+LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2"}
 
 
 class Wrapper(pl.LightningModule):

@@ -103,6 +103,7 @@ class AttentionSpec:
     extras: tuple = ()  # (layer, "q" | "kv"): more per-head projections (DeBERTa-v2's position projections)
     locked: str | None = None  # why heads cannot be removed (cut by head dims instead)
     uncut: str | None = None  # why the module is left uncut (an ambiguous fused layout)
+    shards: int = 1  # blocks of a sharded fused projection (CodeGen's `mp_num`), each holding as many heads
 
     @property
     def root(self) -> nn.Module:
@@ -115,8 +116,22 @@ class AttentionSpec:
 
     @property
     def unit_heads(self) -> int:
-        """Query heads a head cut removes together: a key/value group, or one head with a single shared KV (MQA)."""
+        """Query heads a head cut removes together: a key/value group, or one head with a single shared KV (MQA).
+
+        A sharded fused projection: one head of every shard, or a whole shard (``attention_layouts.py``).
+        """
+        if self.qkv is not None and self.layout == layouts.SHARDED:
+            return layouts.unit_heads(self)
         return 1 if self.num_kv_heads == 1 else self.group_size
+
+    def unit_of(self, head: int) -> int:
+        """The unit of query ``head``: ``head // unit_heads``, except for a sharded module cut one head per shard."""
+        return layouts.unit_of(self, head)
+
+    def unit_scores(self, q_scores: torch.Tensor) -> torch.Tensor:
+        """(heads, head_dim) scores -> one mean score per unit."""
+        order = sorted(range(self.num_heads), key=self.unit_of)  # stable: the identity for consecutive units
+        return q_scores[order].reshape(self.units, -1).mean(1)
 
     @property
     def units(self) -> int:
@@ -286,16 +301,15 @@ def plan(
         keep_units = _clamp(math.ceil(units * axis - 1e-9), units, math.sqrt(floor_fraction))
         keep_dims = _clamp(round(spec.q_width * keep_fraction / (keep_units * spec.unit_heads)), spec.head_dim,
                            math.sqrt(floor_fraction))
-    unit_scores = q_scores.view(units, -1).mean(1)
-    drop_units = torch.argsort(unit_scores, stable=True)[: units - keep_units].tolist()
-    kept_heads = [h for h in range(spec.num_heads) if h // spec.unit_heads not in drop_units]
+    drop_units = torch.argsort(spec.unit_scores(q_scores), stable=True)[: units - keep_units].tolist()
+    kept_heads = [h for h in range(spec.num_heads) if spec.unit_of(h) not in drop_units]
     dim_scores = q_scores[kept_heads].mean(0)
     drop_dims = set(torch.argsort(dim_scores, stable=True)[: spec.head_dim - keep_dims].tolist())
     removed = [
         h * spec.head_dim + d
         for h in range(spec.num_heads)
         for d in range(spec.head_dim)
-        if h // spec.unit_heads in drop_units or d in drop_dims
+        if spec.unit_of(h) in drop_units or d in drop_dims
     ]
     if spec.qkv is None or not removed:
         return removed
@@ -346,6 +360,7 @@ def prune(spec: AttentionSpec, channels: Sequence[int]) -> None:
                 layers.pruner(layer).prune_out_channels(layer, removed)
     layers.pruner(spec.o).prune_in_channels(spec.o, q_removed)
     head_params.follow(spec, heads, dims, q_removed, kv_removed)
+    layouts.follow(spec, [h for h in range(spec.num_heads) if h not in set(heads)], spec.head_dim - len(dims))
     kv_left = len({h // spec.group_size for h in range(spec.num_heads) if h not in set(heads)})
     sync(spec, spec.num_heads - len(heads), kv_left, spec.head_dim - len(dims))
 
@@ -363,11 +378,11 @@ def _decode(spec: AttentionSpec, q_removed: Sequence[int]) -> tuple[list[int], l
             f"the cut of {spec.root_name!r} would mix attention heads: its channels are neither whole heads nor the "
             "same head-dim offsets in every head."
         )
-    groups = {h // spec.unit_heads for h in heads}
+    groups = {spec.unit_of(h) for h in heads}
     if len(heads) != len(groups) * spec.unit_heads:
         raise AttentionError(
             f"the cut of {spec.root_name!r} removes query heads {heads} that do not form whole key/value groups of "
-            f"{spec.unit_heads}."
+            f"{spec.unit_heads} (or, sharded, leave its shards with unequal head counts)."
         )
     if heads and spec.locked is not None:
         raise AttentionError(f"the heads of {spec.name!r} cannot be removed: {spec.locked}.")

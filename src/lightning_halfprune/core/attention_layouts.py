@@ -8,11 +8,18 @@ then all key rows, then all value rows. The real (*physical*) order depends on t
 * ``"grouped"``: per key/value group, its query heads, then its key head, then its value head (Falcon's
   ``new_decoder_architecture``). With one query head per key/value head this is the per-head interleaved layout of
   GPT-NeoX, Bloom and the older Falcon (``[head][q, k, v][head_dim]``).
+* ``"sharded"``: CodeGen's ``qkv_proj``, ``mp_num`` equal shards (the model-parallel blocks it was trained in), each
+  ``[q | v | k]`` of its own consecutive heads (note v before k). Its forward views the output as ``mp_num`` shards of
+  ``3 * embed_dim / mp_num`` rows, so every shard must keep the same number of heads: a cut removes whole *units*,
+  either one head of every shard (the same position in each) or, with fewer heads per shard than shards, whole
+  shards (then ``mp_num`` shrinks); the module's ``embed_dim`` (read as the query width) and ``mp_num`` follow the
+  cut, its output projection keeps its output (the hidden size). A module whose heads do not split evenly over its
+  shards (or that has no ``mp_num``, or fewer key/value heads) is left uncut with a warning.
 
 A layout maps logical channels to physical rows, so scores, plans and cuts stay in one place (``attention.py``)
-whatever the layout. A fused projection of an attention class whose layout is not known to be one of these (a
-sharded layout such as CodeGen's) is *ambiguous*: it is left uncut with a warning, since a wrong guess would mix
-heads silently while the forward still runs.
+whatever the layout. A fused projection of an attention class whose layout is not known to be one of these
+(DeBERTa v1's ``in_proj``) is *ambiguous*: it is left uncut with a warning, since a wrong guess would mix heads
+silently while the forward still runs.
 
 Heads that cannot be removed: a per-head position bias computed once and passed from layer to layer (T5's
 ``relative_attention_bias``, ``position_bias``) would stop matching a layer that lost heads; such modules are cut by
@@ -30,15 +37,17 @@ from torch import nn
 if TYPE_CHECKING:
     from lightning_halfprune.core.attention import AttentionSpec
 
-BLOCKED, GROUPED = "blocked", "grouped"
+BLOCKED, GROUPED, SHARDED = "blocked", "grouped", "sharded"
 
 # attention classes whose fused projection interleaves q, k and v per head: [head][q, k, v][head_dim]
 _INTERLEAVED = frozenset({"GPTNeoXAttention", "GPTNeoXJapaneseAttention", "BloomAttention", "PersimmonAttention"})
+# attention classes whose fused projection is sharded in `mp_num` blocks of [q, v, k]
+_SHARDED = frozenset({"CodeGenAttention"})
 # attention classes with a fused projection in a layout none of the above describes
 _AMBIGUOUS = {
-    "CodeGenAttention": "its fused `qkv_proj` is sharded in `mp_num` blocks",
     "DisentangledSelfAttention": "DeBERTa (v1)'s fused `in_proj` interleaves q, k and v per head in its own way",
 }
+_GUESS = "; cutting its rows with a guessed layout would mix heads"
 # per-head projections besides q/k/v: DeBERTa-v2's relative position projections (out: all heads x head_dim)
 EXTRA_QUERY = ("pos_query_proj",)
 EXTRA_KEY = ("pos_key_proj",)
@@ -48,21 +57,74 @@ def fused_layout(module: nn.Module, heads: int, kv: int) -> tuple[str | None, st
     """(layout, None), or (None, why) when the fused projection's layout is ambiguous."""
     cls = type(module).__name__
     if cls in _AMBIGUOUS:
-        return None, _AMBIGUOUS[cls]
+        return None, _AMBIGUOUS[cls] + _GUESS
+    if cls in _SHARDED:
+        return SHARDED, None
     if hasattr(module, "new_decoder_architecture") and hasattr(module, "multi_query"):  # Falcon
         if module.new_decoder_architecture:
             return GROUPED, None
         return (BLOCKED, None) if module.multi_query else (GROUPED, None)
     if cls in _INTERLEAVED:
-        return (GROUPED, None) if kv == heads else (None, f"{cls} interleaves q, k and v per head but has GQA")
+        return (GROUPED, None) if kv == heads else (None, f"{cls} interleaves q, k and v per head but has GQA{_GUESS}")
     return BLOCKED, None
 
 
-def rows(layout: str, heads: int, kv: int, head_dim: int) -> list[int]:
+def _shards(spec: AttentionSpec) -> tuple[int, str | None]:
+    """(shards, None) for a sharded module whose heads split evenly over its shards, or (1, why it stays uncut)."""
+    m, h = spec.module, spec.num_heads
+    mp, width = getattr(m, "mp_num", None), getattr(m, "embed_dim", None)
+    prefix = f"its fused `{spec.root_name.rpartition('.')[2]}` is sharded in `mp_num` blocks"
+    if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1 or width != spec.q_width:
+        return 1, f"{prefix}, but the module has no integer `mp_num` or no `embed_dim` equal to its query width{_GUESS}"
+    if spec.num_kv_heads != h:
+        return 1, f"{prefix} and has {spec.num_kv_heads} key/value heads for {h} query heads{_GUESS}"
+    if h % mp:
+        return 1, (f"{prefix}: its {h} heads do not split evenly over its {mp} shards, and every shard must keep the "
+                   "same number of heads, so no head can be removed without breaking its forward")
+    return mp, None
+
+
+def _whole_shards(spec: AttentionSpec) -> bool:
+    """A sharded module's cut unit: whole shards (fewer heads per shard than shards), else one head of every shard."""
+    return spec.num_heads // spec.shards < spec.shards
+
+
+def unit_heads(spec: AttentionSpec) -> int:
+    """Query heads one cut unit of a sharded module holds."""
+    return spec.num_heads // spec.shards if _whole_shards(spec) else spec.shards
+
+
+def unit_of(spec: AttentionSpec, head: int) -> int:
+    """The unit (the heads a cut removes together) of query ``head``.
+
+    A block of consecutive heads, or for a sharded module cut one head per shard, the heads at one position.
+    """
+    if spec.qkv is not None and spec.layout == SHARDED and not _whole_shards(spec):
+        return head % (spec.num_heads // spec.shards)
+    return head // spec.unit_heads
+
+
+def follow(spec: AttentionSpec, kept_heads: Sequence[int], head_dim: int) -> None:
+    """A sharded module's ``embed_dim`` (its query width) and ``mp_num`` (its non-empty shards) after a cut."""
+    if spec.qkv is None or spec.layout != SHARDED:
+        return
+    per = spec.num_heads // spec.shards
+    shards = len({h // per for h in kept_heads})
+    spec.module.embed_dim, spec.module.mp_num, spec.shards = len(kept_heads) * head_dim, shards, shards
+
+
+def rows(layout: str, heads: int, kv: int, head_dim: int, shards: int = 1) -> list[int]:
     """``rows[logical] = physical``: the row of the fused weight that holds each blocked (q | k | v) channel."""
     d = head_dim
     if layout == BLOCKED:
         return list(range((heads + 2 * kv) * d))
+    if layout == SHARDED:  # shard s: [q | v | k] of its heads s * p .. (s + 1) * p - 1
+        p = heads // shards
+
+        def at(h: int, part: int) -> list[int]:
+            return [(h // p) * 3 * p * d + (part * p + h % p) * d + j for j in range(d)]
+
+        return [r for part in (0, 2, 1) for h in range(heads) for r in at(h, part)]
     g = heads // kv
     unit = (g + 2) * d
     q = [(h // g) * unit + (h % g) * d + j for h in range(heads) for j in range(d)]
@@ -72,7 +134,7 @@ def rows(layout: str, heads: int, kv: int, head_dim: int) -> list[int]:
 
 
 def _rows(spec: AttentionSpec) -> list[int]:
-    return rows(spec.layout, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    return rows(spec.layout, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.shards)
 
 
 def q_rows(spec: AttentionSpec) -> list[int]:
@@ -131,6 +193,8 @@ def refine(spec: AttentionSpec, forward_params: Sequence[str]) -> AttentionSpec:
     if spec.qkv is not None:
         layout, why = fused_layout(spec.module, spec.num_heads, spec.num_kv_heads)
         spec.layout = layout or BLOCKED
+        if layout == SHARDED:
+            spec.shards, why = _shards(spec)
         spec.uncut = why
     spec.extras = extras(spec.module, spec.q_width)
     spec.locked = locked_heads(spec.module, forward_params)
@@ -139,9 +203,8 @@ def refine(spec: AttentionSpec, forward_params: Sequence[str]) -> AttentionSpec:
 
 def ambiguous_message(spec: AttentionSpec) -> str:
     return (
-        f"HalfPrune leaves the attention heads of {spec.name!r} ({type(spec.module).__name__}) uncut: {spec.uncut}; "
-        f"cutting its rows with a guessed layout would mix heads. Its projections are not cut at all (put "
-        f"{spec.name!r} in `ignored_layers` to silence this)."
+        f"HalfPrune leaves the attention heads of {spec.name!r} ({type(spec.module).__name__}) uncut: {spec.uncut}. "
+        f"Its projections are not cut at all (put {spec.name!r} in `ignored_layers` to silence this)."
     )
 
 

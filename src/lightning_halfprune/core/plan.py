@@ -30,7 +30,7 @@ class Cut:
 
 def _head_units(spec: attn.AttentionSpec, scores: torch.Tensor | None) -> torch.Tensor | None:
     """One score per key/value group (the heads that go together), from an attention group's root scores."""
-    return None if scores is None else attn.q_space(spec, scores).view(spec.units, -1).mean(1)
+    return None if scores is None else spec.unit_scores(attn.q_space(spec, scores))
 
 
 def _score_or_magnitude(g: ChannelGroup, score: Callable[[Any], torch.Tensor | None]) -> torch.Tensor | None:
