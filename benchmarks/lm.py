@@ -5,10 +5,11 @@ Task (``lm_task.py``): a byte-level Qwen3 (1.05M params) on the Python standard 
 * ``--setting finetune`` (issue 27): a dense parent trained N steps; then K = N/2 steps on new data: the dense
   fine-tune, HalfPrune at 0.3 and 0.5 with the fine-tuning preset, the pruned widths trained from scratch for N + K
   steps, and the loss right after the cut (before any training) per scorer.
-* ``--setting scratch`` (issue 23): N steps from scratch: dense (= the parent), HalfPrune 0.5 with the recovery
+* ``--setting scratch`` (issue 23): N steps from scratch: dense (= the parent); HalfPrune 0.5 with the recovery
   recipe (``l2``, cubic, distillation from the model before each cut until 2 epochs after the last) cutting half
-  the heads and MLP (``attention="heads"``) and with ``"heads_last"``, each one's widths from scratch, and the
-  ``heads_last`` widths distilled from the dense model.
+  the heads and half the MLP neurons (``attention="heads"``), and with ``scorer="activation"``; the pruned widths
+  from scratch (and the steps they need to reach HalfPrune's loss) and distilled from the dense model; the recipe
+  and the widths from scratch at 0.75.
 
 ``python benchmarks/lm.py --seeds 2 --jobs 2`` writes ``benchmarks/lm.json`` and ``benchmarks/lm.md``; each seed
 runs in its own process (``--one-seed S``) on one thread.
@@ -44,8 +45,8 @@ def recipe_kwargs(setting: str, ratio: float, steps: int, **over) -> dict:
         return {**presets.finetuning(ratio, **over), **quiet}
     epochs = steps // STEPS_PER_EPOCH  # the MNIST-1D recipe, in epochs of 50 steps
     schedule = Cubic(start=epochs // 6, end=epochs // 2, ratio=ratio, every=1)
-    kwargs = {"schedule": schedule, "scorer": "l2", "distill": Distill(alpha=1.0, temperature=2.0, teacher="each",
-                                                                        epochs=2)}
+    kwargs = {"schedule": schedule, "scorer": "l2", "attention": "heads",
+              "distill": Distill(alpha=1.0, temperature=2.0, teacher="each", epochs=2)}
     return {**kwargs, **over, **quiet}
 
 
@@ -192,23 +193,34 @@ def finetune_rows(data: Data, n: int, over: dict) -> list[dict]:
 
 
 def scratch_rows(data: Data, n: int, over: dict) -> list[dict]:
-    """Issue 23's rows; the dense model (the fine-tune setting's parent) is trained last if no process has it."""
+    """Issue 23's rows, the most telling first (a run cut short keeps them); the dense model last if no process has it.
+
+    At 0.5: the recipe (``l2``), the recipe with ``scorer="activation"``, the pruned widths from scratch (validated
+    every epoch: the steps it needs to reach HalfPrune's loss) and distilled from the dense model; then 0.75.
+    """
     rows, archs = [], {}
-    for attention in ("heads", "heads_last"):
+    for ratio, scorer in ((0.5, "l2"), (0.5, "activation"), (0.75, "l2")):
         module = CausalLM(Arch().build(), Optim(steps=n))
-        prune, callbacks = halfprune(recipe_kwargs("scratch", 0.5, n, attention=attention, **over))
+        prune, callbacks = halfprune(recipe_kwargs("scratch", ratio, n, **{"scorer": scorer, **over}))
         seconds = fit(module, data.train_loader("pretrain"), n, callbacks)
-        rows.append(row(f"HalfPrune 0.5 recipe ({attention}), N steps", module, data, n, seconds, prune, ratio=0.5))
-        archs[attention] = Arch(**rows[-1]["arch"])
-    for attention, arch in archs.items():
-        small = CausalLM(arch.build(), Optim(steps=n))
-        rows.append(row(f"widths of 0.5 ({attention}) from scratch, N steps", small, data, n,
-                        fit(small, data.train_loader("pretrain"), n), ratio=0.5))
+        name = f"HalfPrune {ratio} recipe{'' if scorer == 'l2' else f' ({scorer})'}, N steps"
+        rows.append(row(name, module, data, n, seconds, prune, ratio=ratio, scorer=scorer))
+        archs.setdefault(ratio, Arch(**rows[-1]["arch"]))
+        if ratio == 0.75 or scorer != "l2":
+            continue
+        small = CausalLM(archs[ratio].build(), Optim(steps=n))
+        curve = Curve(data.val, STEPS_PER_EPOCH)
+        seconds = fit(small, data.train_loader("pretrain"), n, curve=curve)
+        rows.append(row(f"widths of {ratio} from scratch, N steps", small, data, n, seconds, ratio=ratio,
+                        curve=curve.points))
+    small = CausalLM(archs[0.75].build(), Optim(steps=n))
+    rows.append(row("widths of 0.75 from scratch, N steps", small, data, n,
+                    fit(small, data.train_loader("pretrain"), n), ratio=0.75))
     dense, seconds, trained = parent(data, n)
     if trained:
         rows.append(row("parent: dense, N steps", dense, data, n, seconds))
-    student = CausalLM(archs["heads_last"].build(), Optim(steps=n), teacher=dense.model)
-    rows.append(row("widths of 0.5 (heads_last) distilled from the dense model, N steps", student, data, n,
+    student = CausalLM(archs[0.5].build(), Optim(steps=n), teacher=dense.model)
+    rows.append(row("widths of 0.5 distilled from the dense model, N steps", student, data, n,
                     fit(student, data.train_loader("pretrain"), n), ratio=0.5))
     return rows
 

@@ -61,6 +61,29 @@ def _budget(rows: list[dict], target_row: str, curve_row: str) -> str:
     return ", ".join(out) or "-"
 
 
+def _targets(rows: list[dict]) -> str:
+    """Issue 23's acceptance, row against row: met or missed, and by how much."""
+    dense = _mean(rows, "parent: dense, N steps")
+    half, scratch = _mean(rows, "HalfPrune 0.5 recipe, N steps"), _mean(rows, "widths of 0.5 from scratch, N steps")
+    most = _mean(rows, "HalfPrune 0.75 recipe, N steps")
+    scratch_most = _mean(rows, "widths of 0.75 from scratch, N steps")
+    if None in (dense, half, scratch, most, scratch_most):
+        return ""
+    spread = max(
+        (statistics.stdev(v) for name in ("HalfPrune 0.75 recipe, N steps", "widths of 0.75 from scratch, N steps")
+         if len(v := [r["val_bpb"] for r in _group(rows, name)]) > 1),
+        default=0.0,
+    )
+    verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
+    return (
+        "\nTargets: 0.5 within 3% of dense: "
+        f"{verdict(half <= 1.03 * dense)} ({100 * (half / dense - 1):+.1f}%); "
+        f"0.5 at or below its widths from scratch: {verdict(half <= scratch)} ({half - scratch:+.3f} bpb); "
+        f"0.75 below its widths from scratch by more than the seeds' spread ({spread:.3f}): "
+        f"{verdict(scratch_most - most > spread)} ({most - scratch_most:+.3f} bpb).\n"
+    )
+
+
 def _minutes(result: dict) -> str:
     if result.get("minutes") is not None:
         return f"{result['minutes']:.1f} min wall"
@@ -102,14 +125,18 @@ def markdown(result: dict) -> str:
                 cells = [_stat([r["val_bpb"] for r in _group(rows, f"cut {ratio} by {s}, before training")
                                 if r.get("attention", "heads") == attention]) for s in scorers]
                 text.append(f"| {ratio} | {attention} | " + " | ".join(cells) + " |\n")
-    if _group(rows, "HalfPrune 0.5 recipe (heads), N steps"):
+    if _group(rows, "HalfPrune 0.5 recipe, N steps"):
         ref = "parent: dense, N steps"
         text.append("\n## From-scratch setting (issue 23): N steps\n\n")
         text.append(HEADER.format(ref="dense"))
-        for name in (ref, "HalfPrune 0.5 recipe (heads), N steps", "widths of 0.5 (heads) from scratch, N steps",
-                     "HalfPrune 0.5 recipe (heads_last), N steps", "widths of 0.5 (heads_last) from scratch, N steps",
-                     "widths of 0.5 (heads_last) distilled from the dense model, N steps"):
+        for name in (ref, "HalfPrune 0.5 recipe, N steps", "HalfPrune 0.5 recipe (activation), N steps",
+                     "widths of 0.5 from scratch, N steps", "widths of 0.5 distilled from the dense model, N steps",
+                     "HalfPrune 0.75 recipe, N steps", "widths of 0.75 from scratch, N steps"):
             text.append(_line(rows, name, ref))
+        budget = _budget(rows, "HalfPrune 0.5 recipe, N steps", "widths of 0.5 from scratch, N steps")
+        text.append(f"\nSteps the widths of 0.5 from scratch (validated every 50 steps) need to reach the validation "
+                    f"loss of the HalfPrune 0.5 recipe ({n} steps, per seed): {budget}.\n")
+        text.append(_targets(rows))
     return "".join(text)
 
 
