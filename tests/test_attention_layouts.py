@@ -358,12 +358,16 @@ def test_a_state_space_lm_keeps_its_residual_stream_by_default():
     x = torch.randint(0, 64, (2, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch-pruning cannot search in_proj; the stream group is refused
-        with pytest.raises(ValueError, match="nothing prunable.*residual stream"):
-            Surgeon(mamba(), (x,))
-        net = mamba()
-        surgeon = Surgeon(net, (x,), prune_hidden_size=True)  # asked for: the hidden size is cut
+        kept = mamba()
+        surgeon = Surgeon(kept, (x,))  # only the mixers' inner widths (mamba.py)
+        assert [g.name for g in surgeon.groups()] == [f"backbone.layers.{i}.mixer" for i in (0, 1)]
         surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+        net = mamba()
+        surgeon = Surgeon(net, (x,), prune_hidden_size=True)  # asked for: the hidden size is cut too
+        surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert kept.backbone.embeddings.embedding_dim == 32 and kept.backbone.layers[0].mixer.D.shape == (32,)
     assert net.backbone.embeddings.embedding_dim == 16 and net(x).logits.shape == (2, 8, 64)
+    assert net.backbone.layers[0].mixer.D.shape == (32,) and net.backbone.layers[0].mixer.in_proj.in_features == 16
 
 
 # ------------------------------------------------------------------ real fits

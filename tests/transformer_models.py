@@ -50,6 +50,10 @@ def hf_model(kind: str) -> nn.Module:
                                   vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                                   attn_pdrop=0.0)
         return tf.CodeGenForCausalLM(config)
+    if kind == "mamba":  # selective state-space mixers (no attention): inner width 64, the mixers most of the params
+        config = tf.MambaConfig(hidden_size=32, intermediate_size=64, state_size=8, num_hidden_layers=2,
+                                vocab_size=VOCAB, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return tf.MambaForCausalLM(config)
     raise ValueError(kind)
 
 
@@ -184,7 +188,7 @@ def build(kind: str) -> nn.Module:
 
 
 IMAGE = {"vit", "vit_block", "mixer", "swin"}
-LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2"}
+LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2", "mamba"}
 
 
 class Wrapper(pl.LightningModule):

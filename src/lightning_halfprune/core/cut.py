@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import moe
+from lightning_halfprune.core import mamba, moe
 from lightning_halfprune.core.errors import BrokenForward, SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup, graph_safe, module_by_name, run_model
 from lightning_halfprune.core.plan import Cut
@@ -300,6 +300,9 @@ def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:
     if moe.owns(model, cut.layer, module):
         moe.prune_cut(model, cut.layer, module, cut.channels)
         return True  # the experts' layers (or unwrapped tensors) in the graph are stale: rebuild it
+    if mamba.owns(module):
+        mamba.prune(module, cut.channels, cut.layer)
+        return True  # the mixer's layers in the graph hold the old tensors: rebuild it
     spec = next((s for s in attn.find_attention(model) if s.root is module), None)
     if spec is not None:
         try:

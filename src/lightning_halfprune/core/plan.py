@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import allocation, layers, moe
+from lightning_halfprune.core import allocation, layers, mamba, moe
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup
@@ -113,6 +113,10 @@ class Planner:
                 args = (self.original_widths, ratio, self.max_layer_ratio, self.round_to, self.moe_mode)
                 cuts.extend(Cut(*cut) for cut in moe.plan_cuts(g, *args))
                 continue
+            if isinstance(g.group, mamba.MixerGroup):  # a Mamba mixer's inner width, always to the ratio
+                args = (self.original_widths, ratio, self.max_layer_ratio, self.round_to)
+                cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, *args))
+                continue
             if g.attention is not None and not self.global_pruning:
                 cuts.extend(self._plan_attention(g, ratio, score))
                 continue
@@ -142,8 +146,9 @@ class Planner:
         """``attention="heads_last"``: the plans that keep the parameters of ``ratio``, fewest heads removed first."""
         known = [g for g in groups if g.name in self.original_widths]
         planner = replace(self, attention="heads")
-        experts = [g for g in known if isinstance(g.group, moe.ExpertGroup)]
-        channels = [g for g in known if g.attention is None and not isinstance(g.group, moe.ExpertGroup)]
+        own = (moe.ExpertGroup, mamba.MixerGroup)  # planned by their own rooms, always to the ratio
+        experts = [g for g in known if isinstance(g.group, own)]
+        channels = [g for g in known if g.attention is None and not isinstance(g.group, own)]
         heads = [g for g in known if g.attention is not None]
         options = allocation.splits(channels, heads, self.original_widths, ratio, self.max_layer_ratio, self._kept)
         return [

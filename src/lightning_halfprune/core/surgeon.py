@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import attention_layouts, hf_config, layers, moe, residual
+from lightning_halfprune.core import attention_layouts, hf_config, layers, mamba, moe, residual
 from lightning_halfprune.core.cut import (
     DryRun,
     ParamRemap,
@@ -154,7 +154,9 @@ class Surgeon:
         # q/k/v are never roots of the graph's own groups: heads are cut by attention.py, and searching groups
         # from them through rotary embeddings is what made torch-pruning hang on Llama
         experts = moe.find_experts(self.model)  # routed experts: cut by moe.py, never roots of the graph's groups
+        mixers = mamba.find_mixers(self.model)  # state-space mixers: their inner width is cut by mamba.py
         not_roots = ignored + [m for s in specs for m in s.inputs] + moe.not_roots(self.model, experts)
+        not_roots += mamba.not_roots(mixers)
         stream = set() if self.prune_hidden_size else residual.stream_modules(self.model, specs)
         pruners = layers.customized_pruners(self.model)  # a norm's pruner (is_root False) never roots a group
         roots = ROOT_TYPES + tuple(t for t, p in pruners.items() if getattr(p, "is_root", True))
@@ -184,6 +186,7 @@ class Surgeon:
                 found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), layers.out_width(s.root), 1, s))
         run = lambda: checked_forward(self.model, self.example_input)  # noqa: E731 - ranks experts by routing
         found += moe.channel_groups(self.model, experts, ignored, self.moe_mode, run)
+        found += mamba.channel_groups(mixers, ignored)
         self._groups = (self._signature, found)
         return found
 

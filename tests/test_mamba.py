@@ -1,0 +1,150 @@
+"""Mamba: every mixer's inner width (SSM channels) is cut in all the tensors that hold it, the hidden size stays,
+Adam moments follow, the config follows, checkpoints reload and resume."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+pytest.importorskip("transformers")
+
+from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
+from lightning_halfprune.core import mamba  # noqa: E402
+from lightning_halfprune.core.cut import tracking_slices  # noqa: E402
+from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
+from lightning_halfprune.core.measure import count_params  # noqa: E402
+from lightning_halfprune.core.plan import Cut  # noqa: E402
+from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
+from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
+from transformer_models import Wrapper, loader  # noqa: E402
+
+HIDDEN, INNER, STATE = 32, 64, 8
+
+
+def fit(tmp_path, epochs=3, callbacks=(), ckpt_path=None):
+    model = Wrapper("mamba", optimizer="adamw")
+    cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+        enable_checkpointing=bool(callbacks), callbacks=[cb, *callbacks], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=3, limit_val_batches=1,
+    )
+    trainer.fit(model, loader("mamba"), loader("mamba"), ckpt_path=ckpt_path)
+    return model, cb
+
+
+def assert_mixer_width(mixer, inner):
+    """Every tensor holding the inner channels has ``inner`` of them; the hidden size and the state stay."""
+    assert mixer.in_proj.weight.shape == (2 * inner, HIDDEN) and mixer.in_proj.out_features == 2 * inner
+    assert mixer.conv1d.weight.shape == (inner, 1, 4) and mixer.conv1d.bias.shape == (inner,)
+    assert mixer.conv1d.in_channels == mixer.conv1d.out_channels == mixer.conv1d.groups == inner
+    assert mixer.x_proj.weight.shape[1] == inner == mixer.x_proj.in_features
+    assert mixer.dt_proj.weight.shape[0] == inner == mixer.dt_proj.out_features and mixer.dt_proj.bias.shape == (inner,)
+    assert mixer.A_log.shape == (inner, STATE) and mixer.D.shape == (inner,)
+    assert mixer.out_proj.weight.shape == (HIDDEN, inner) and mixer.out_proj.in_features == inner
+    assert mixer.intermediate_size == inner
+
+
+def assert_adam_state_follows(model):
+    optimizer = model.trainer.optimizers[0]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in optimizer.state.get(p, {}):
+                    assert optimizer.state[p][key].shape == p.shape
+
+
+@pytest.mark.slow
+def test_fit_halves_every_mixer_and_resumes_and_reloads(tmp_path):
+    original = count_params(Wrapper("mamba"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model, cb = fit(tmp_path, callbacks=[ckpt])
+    assert len(cb.history) == 2
+    for mixer in mixers_of(model.net):
+        assert_mixer_width(mixer, INNER // 2)
+    assert model.net.backbone.embeddings.embedding_dim == HIDDEN and model.net.config.hidden_size == HIDDEN
+    assert model.net.config.intermediate_size == INNER // 2
+    assert count_params(model) <= 0.7 * original
+    assert len(model.losses) == 9 and all(math.isfinite(loss) for loss in model.losses)  # every step after a cut
+    assert_adam_state_follows(model)
+
+    first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    resumed, cb2 = fit(tmp_path / "resume", ckpt_path=str(first))
+    assert [e["cuts"] for e in cb2.history] == [e["cuts"] for e in cb.history]
+    assert resumed.losses == pytest.approx(model.losses[len(model.losses) - len(resumed.losses):], rel=1e-4)
+    assert_adam_state_follows(resumed)
+
+    last = sorted((tmp_path / "ckpt").glob("epoch=2*.ckpt"))[0]
+    loaded = load_pruned(Wrapper, last)
+    for mixer in mixers_of(loaded.net):
+        assert_mixer_width(mixer, INNER // 2)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    x = model.example_input_array
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+def test_cut_mixer_computes_what_the_uncut_one_does_without_the_removed_channels():
+    """Zeroing the removed channels' reads (x_proj columns) and writes (out_proj columns) in the uncut mixer gives
+    the cut mixer's output: every tensor was sliced at the same channels."""
+    net = Wrapper("mamba").net.eval()
+    x = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    surgeon = Surgeon(net, (x,))
+    assert [g.name for g in surgeon.groups()] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    drop = [0, 3, 4, 10, 31, 32, 50, 63]
+    mixer = net.backbone.layers[0].mixer
+    with torch.no_grad():
+        for p in mixer.parameters():  # away from the init (D of ones, A_log the same in every row)
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    h = torch.randn(2, 8, HIDDEN, generator=torch.Generator().manual_seed(4))
+    before = {n: p.detach().clone() for n, p in mixer.named_parameters()}
+    with torch.no_grad():
+        mixer.x_proj.weight[:, drop] = 0
+        mixer.out_proj.weight[:, drop] = 0
+        expected = mixer(h)
+    moment = torch.randn(INNER, STATE)
+    old_a_log = mixer.A_log
+    mamba._WARNED.clear()  # told once per config (by id): a config of an earlier test may have had this id
+    with pytest.warns(UserWarning, match="different inner widths"):
+        remap = surgeon.cut([Cut("backbone.layers.0.mixer", drop)])
+    assert_mixer_width(mixer, INNER - len(drop))
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(h), expected)
+    keep = [c for c in range(INNER) if c not in drop]
+    torch.testing.assert_close(mixer.in_proj.weight, before["in_proj.weight"][keep + [INNER + c for c in keep]])
+    torch.testing.assert_close(mixer.A_log, before["A_log"][keep])
+    torch.testing.assert_close(remap.slice_like(old_a_log, moment), moment[keep])  # Adam moments follow
+    assert net.config.intermediate_size == INNER  # the other mixer keeps its width: the config cannot say one
+    assert net(x).logits.shape == (2, 8, 64)
+
+
+def test_plan_halves_each_mixer_and_keeps_the_hidden_size():
+    net = Wrapper("mamba").net.eval()
+    x = torch.randint(1, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    cuts = surgeon.plan(0.5, get_scorer("l2"))
+    assert [(c.layer, len(c.channels)) for c in cuts] == [(f"backbone.layers.{i}.mixer", INNER // 2) for i in (0, 1)]
+    weakest = torch.argsort(mamba.magnitudes(net.backbone.layers[0].mixer), stable=True)[: INNER // 2]
+    assert cuts[0].channels == sorted(weakest.tolist())
+    with tracking_slices():
+        surgeon.cut(cuts)
+    for mixer in mixers_of(net):
+        assert_mixer_width(mixer, INNER // 2)
+    assert net.config.intermediate_size == INNER // 2 and net.backbone.embeddings.embedding_dim == HIDDEN
+
+
+def test_a_cut_that_would_empty_a_mixer_is_refused_and_undone():
+    net = Wrapper("mamba").net.eval()
+    surgeon = Surgeon(net, (torch.randint(1, 64, (2, 8)),))
+    with pytest.raises(SurgeryError, match="Mamba mixer"):
+        surgeon.cut([Cut("backbone.layers.1.mixer", list(range(INNER)))])
+    for mixer in mixers_of(net):
+        assert_mixer_width(mixer, INNER)
+
+
+def mixers_of(net):
+    return [layer.mixer for layer in net.backbone.layers]
