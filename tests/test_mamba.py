@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune.core import mamba  # noqa: E402
-from lightning_halfprune.core.cut import tracking_slices  # noqa: E402
 from lightning_halfprune.core.errors import SurgeryError  # noqa: E402
 from lightning_halfprune.core.measure import count_params  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
@@ -130,8 +129,7 @@ def test_plan_halves_each_mixer_and_keeps_the_hidden_size():
     assert [(c.layer, len(c.channels)) for c in cuts] == [(f"backbone.layers.{i}.mixer", INNER // 2) for i in (0, 1)]
     weakest = torch.argsort(mamba.magnitudes(net.backbone.layers[0].mixer), stable=True)[: INNER // 2]
     assert cuts[0].channels == sorted(weakest.tolist())
-    with tracking_slices():
-        surgeon.cut(cuts)
+    surgeon.cut(cuts)
     for mixer in mixers_of(net):
         assert_mixer_width(mixer, INNER // 2)
     assert net.config.intermediate_size == INNER // 2 and net.backbone.embeddings.embedding_dim == HIDDEN
@@ -148,3 +146,20 @@ def test_a_cut_that_would_empty_a_mixer_is_refused_and_undone():
 
 def mixers_of(net):
     return [layer.mixer for layer in net.backbone.layers]
+
+
+def test_falcon_mamba_mixers_are_cut_alike():
+    """Falcon-Mamba's mixer has Mamba's shape (its B/C/dt norms hold no parameters): found and cut the same way."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.FalconMambaConfig(hidden_size=HIDDEN, intermediate_size=INNER, state_size=STATE, num_hidden_layers=2,
+                                  vocab_size=64, use_cache=False)
+    net = tf.FalconMambaForCausalLM(config).eval()
+    x = torch.randint(0, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    assert [g.name for g in surgeon.groups()] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    for mixer in mixers_of(net):
+        assert_mixer_width(mixer, INNER // 2)
+    assert net.config.intermediate_size == INNER // 2 and net(x).logits.shape == (2, 8, 64)
