@@ -7,11 +7,14 @@ random ids), a few optimizer steps, and one cut to ratio 0.5 right after step 1
 - ``dense``: the fit without HalfPrune; ``small``: the pruned widths (MLP and heads halved) trained without HalfPrune;
 - ``halfprune``: the defaults; ``notiming``: ``timing=None``; ``distill``: with ``distill=Distill()``.
 
-Measured: peak RSS (``ru_maxrss``), the bytes of every live tensor at the end of training (found through ``gc``, each
+Measured: peak RSS (``ru_maxrss``); the event's own peak (the RSS at the end of step 1 before HalfPrune's hook, and
+the highest RSS until the hook returns, after resetting Linux's high-water mark ``VmHWM``; for ``dense`` and ``small``
+the same span, without a cut); the bytes of every live tensor at the end of training (found through ``gc``, each
 storage once), the time of HalfPrune's ``on_train_start`` and ``on_fit_end`` (wall and process CPU), and the phases of
 the event (``PruneReport.timings``). The log-log slope of each against the parameter count is fitted over the sizes.
 
     python benchmarks/scale.py                 # 10M, 30M, 125M: writes benchmarks/scale.md and scale.json
+    python benchmarks/scale.py --sizes 10M 30M 125M 400M   # and 400M (about 9 GB peak; 17 min in all)
     python benchmarks/scale.py --sizes 10M     # one size
     python benchmarks/scale.py --sizes 400M --keep   # adds 400M (about 7 GB) to the rows already there
 """
@@ -74,6 +77,12 @@ def _live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``: the peak since the last reset) in MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def child(size: str, variant: str) -> dict:
     import resource
 
@@ -107,6 +116,14 @@ def child(size: str, variant: str) -> dict:
     class Clock(Callback):  # one before HalfPrune and one after it: the difference is HalfPrune's hook
         def __init__(self, marks: dict, tag: str) -> None:
             self.marks, self.tag = marks, tag
+
+        def on_train_batch_end(self, trainer, *_):  # the event's own peak: the high-water mark reset right before it
+            if trainer.global_step != 1 or f"event_{self.tag}" in self.marks:
+                return
+            if self.tag == "a":
+                self.marks["peak_before_event_mb"] = _status_mb("VmHWM")
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+            self.marks[f"event_{self.tag}"] = _status_mb("VmRSS" if self.tag == "a" else "VmHWM")
 
         def on_train_start(self, *_):
             self.marks[f"start_{self.tag}"] = (time.perf_counter(), time.process_time())
@@ -145,8 +162,10 @@ def child(size: str, variant: str) -> dict:
         "variant": variant,
         "params": params,
         "params_after": sum(p.numel() for p in model.parameters()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, marks["peak_before_event_mb"]),
         "live_mb": marks["live_bytes"] / 2**20,
+        "event_rss_mb": marks["event_a"],  # RSS at the end of step 1, before HalfPrune's hook (its cut)
+        "event_peak_mb": marks["event_b"],  # the highest RSS from there to the end of HalfPrune's hook
     }
     if prune is not None:
         out["train_start_s"] = marks["start_b"][0] - marks["start_a"][0]
@@ -168,17 +187,19 @@ def _slope(points: list[tuple[float, float]]) -> float | None:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| size | params | variant | peak RSS MB | live MB at end | on_train_start s (CPU s) | event s without "
-        "latency | phases s | on_fit_end s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | params | variant | peak RSS MB | event: RSS before, peak during (MB) | live MB at end "
+        "| on_train_start s (CPU s) | event s without latency | phases s | on_fit_end s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         start = f"{r['train_start_s']:.2f} ({r['train_start_cpu_s']:.2f})" if "train_start_s" in r else "-"
         event = f"{r['event_without_latency_s']:.2f}" if "event_s" in r else "-"
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r.get("event_s", {}).items()) or "-"
         end = f"{r['fit_end_s']:.2f}" if "fit_end_s" in r else "-"
+        memory = f"{r['event_rss_mb']:.0f}, {r['event_peak_mb']:.0f}" if "event_peak_mb" in r else "-"
         lines.append(
-            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['variant']} | {r['peak_rss_mb']:.0f} | {r['live_mb']:.0f} "
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['variant']} | {r['peak_rss_mb']:.0f} | {memory} "
+            f"| {r['live_mb']:.0f} "
             f"| {start} | {event} | {phases} | {end} |"
         )
     ours = [r for r in rows if r["variant"] == "halfprune"]
