@@ -186,3 +186,21 @@ def test_a_cut_lets_go_of_spent_gradients(tmp_path, optimization):
     else:  # the step used them and the next one zeroes them: not carried through the cut
         assert after.grads == [None] * len(after.grads)
     assert len(model.losses) == 8 and all(torch.isfinite(torch.tensor(model.losses)))
+
+
+def test_every_copy_halfprune_holds_is_said_at_train_start(tmp_path, caplog):
+    prune = HalfPrune({0: 0.5}, monitor="val_acc", guard=Guard(max_drop=1.0), distill=Distill(epochs=1))
+    model = Classifier("resnet", optimizer="adamw")
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, max_epochs=2, callbacks=[prune]).fit(model, *loaders())
+    held = {c.name: c for c in prune.held}
+    assert list(held) == ["original architecture", "guard rollback point", "distillation teacher"]
+    assert held["original architecture"].bytes < params / 10  # shapes only: buffers, no weights
+    assert held["guard rollback point"].bytes >= params and held["guard rollback point"].device == "cpu"
+    assert held["distillation teacher"].bytes == params and held["distillation teacher"].device == "cpu"
+    said = [r.getMessage() for r in caplog.records if "HalfPrune holds" in r.getMessage()]
+    assert len(said) == 1 and "guard rollback point" in said[0] and "MiB on cpu" in said[0]
+    bare = HalfPrune({0: 0.5}, timing=None, verbose=False)
+    trainer(tmp_path, max_epochs=2, callbacks=[bare]).fit(Classifier("resnet"), *loaders())
+    assert bare.held == []

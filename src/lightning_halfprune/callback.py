@@ -30,7 +30,7 @@ from lightning_halfprune.core.preflight import cut_safely, note_kept_embeddings,
 from lightning_halfprune.core.scoring import Scorer, get_scorer
 from lightning_halfprune.core.surgeon import Surgeon
 from lightning_halfprune.core.target import Aim, Target, Targeter, check_target
-from lightning_halfprune.fit import averaging, best, checks, compiled, planning, retry, sharded
+from lightning_halfprune.fit import averaging, best, checks, compiled, copies, planning, retry, sharded
 from lightning_halfprune.fit import monitor as monitor_
 from lightning_halfprune.fit.distill import Distiller
 from lightning_halfprune.fit.distributed import check_strategy, from_rank_zero
@@ -279,6 +279,9 @@ class HalfPrune(Callback):
         if not self.history:  # the original architecture: after a resume it is gone
             self._speed.keep_original(pl_module)
             note_kept_embeddings(self.surgeon, max(self.schedule.points.values(), default=0.0))
+        self.held = copies.held(pl_module, trainer.optimizers, self._speed.original, self.guard, self._distiller)
+        if self.verbose:  # every copy HalfPrune keeps, bounded and said before the first step
+            rank_zero_info(copies.message(self.held))
         self.targeter = planning.build_targeter(
             pl_module, self.surgeon, self.target, self._speed, self._macs, self.state.original_counts
         )
