@@ -273,6 +273,21 @@ def test_albert_layer_norm_inside_the_attention_module_keeps_its_width():
     assert net(x).logits.shape == (2, 3)
 
 
+def test_albert_config_follows_its_ffn_cut():
+    """ALBERT's MLP up-projection is called ``ffn``: ``intermediate_size`` follows it; ``hidden_size`` is not the
+    embeddings' width (``embedding_size``), and was overwritten with it."""
+    import transformers as tf
+
+    config = tf.AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, vocab_size=64, max_position_embeddings=16, num_labels=3)
+    net, x = tf.AlbertForSequenceClassification(config).eval(), torch.randint(0, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert net.albert.encoder.albert_layer_groups[0].albert_layers[0].ffn.out_features == 32
+    assert net.config.intermediate_size == 32 and net.config.num_attention_heads == 2
+    assert net.config.hidden_size == 32 and net.config.embedding_size == 16  # factorized embeddings: not the stream
+
+
 # ------------------------------------------------------------------ ambiguous layouts, the residual-stream guard
 class DisentangledSelfAttention(nn.Module):
     """Named like DeBERTa (v1)'s: a fused projection in a layout HalfPrune does not know."""

@@ -17,8 +17,8 @@ from torch import nn
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core import head_check, head_config, layers, mamba, moe
 
-# the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX)
-_MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h")
+# the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX, ALBERT)
+_MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h", ".ffn")
 _MLP_GATE_UP = (".mlp.gate_up_proj",)  # gate and up projection in one layer (Phi-3): twice `intermediate_size`
 
 
@@ -84,5 +84,7 @@ def _sync_hidden(config: Any, owner: nn.Module) -> None:
         layer = embeddings() if callable(embeddings) else None
     except (NotImplementedError, AttributeError):
         layer = None
-    if isinstance(layer, nn.Embedding):
-        _set_if_agreed(config, ("hidden_size", "n_embd", "d_model"), {layer.weight.shape[1]})
+    if isinstance(layer, nn.Embedding):  # factorized embeddings (ALBERT, ELECTRA) are narrower than the stream
+        factorized = isinstance(getattr(config, "embedding_size", None), int)
+        fields = ("embedding_size",) if factorized else ("hidden_size", "n_embd", "d_model")
+        _set_if_agreed(config, fields, {layer.weight.shape[1]})
