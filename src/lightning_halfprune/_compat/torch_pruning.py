@@ -105,12 +105,43 @@ class _SavedSizes:
 # ------------------------------------------------------------------ group search (core/group_search.py, issue 22)
 MAPPING_UPDATES = {  # node type -> torch-pruning's function that (re)builds that node's index mapping
     ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
-    ops.OPTYPE.SPLIT: index_mapping.update_split_index_mapping,
+    ops.OPTYPE.SPLIT: lambda graph, node: update_split_index_mapping(graph, node),
     ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
     ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
     ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
     ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping,
 }
+
+
+def update_split_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
+    """torch-pruning's split mapping, also for a split along the last dim of a ``(batch, tokens, channels)`` tensor.
+
+    torch-pruning maps a split's channels along dim 1 only (NCHW); a linear layer's output chunked along its last
+    dim (a fused GLU ``fc1`` split into value and gate: timm's ``GluMlp`` in EVA-02) went unmapped, so its group
+    carried ``fc1``'s indices unchanged into ``fc2``'s input, half as wide, and scoring it failed. Its slice mapping
+    already reads dim 2 of a 3-D tensor as the channels; the split now does too, where the split dim has the width
+    torch-pruning infers for the split's input (so a split along the tokens of a ``(batch, channels, length)``
+    tensor stays unmapped, as before). Such a split is also mapped in a model with a 3-D parameter (a ViT's class
+    token or position embedding), where torch-pruning turns the mapping of every split and concatenation off (its
+    guard against the class token's concatenation along the tokens): a split along the channels is not that.
+    """
+    grad_fn = getattr(node, "grad_fn", None)
+    sizes, dim = getattr(grad_fn, "_saved_self_sym_sizes", None), getattr(grad_fn, "_saved_dim", None)
+    if isinstance(dim, int) and dim >= 2**63:  # a negative dim, saved unsigned
+        dim -= 2**64
+    if sizes is None or not isinstance(dim, int) or len(sizes) != 3 or dim % 3 != 2 or not node.inputs:
+        index_mapping.update_split_index_mapping(graph, node)
+        return
+    channels = index_mapping.shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0])
+    if channels != sizes[2]:
+        index_mapping.update_split_index_mapping(graph, node)
+        return
+    node.grad_fn = _SavedSizes({"_saved_dim": 1, "_saved_self_sym_sizes": (sizes[0], sizes[2], sizes[1])})
+    node.enable_index_mapping = True
+    try:
+        index_mapping.update_split_index_mapping(graph, node)
+    finally:
+        node.grad_fn = grad_fn
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from torch import nn
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import layers
+from lightning_halfprune.core import layers, pruners
 from lightning_halfprune.core.graph import run_model
 
 __all__ = [
@@ -92,7 +92,7 @@ class TaylorScorer(CalibratedScorer):
                 p.grad = torch.zeros_like(p)
 
     def __call__(self, group: Any) -> torch.Tensor | None:
-        return self._importance(group)
+        return self._importance(pruners.plain_view(group))
 
 
 class _ChannelStatsScorer(CalibratedScorer):
@@ -226,6 +226,7 @@ class MagnitudeScorer(tp.importance.GroupMagnitudeImportance):
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
         group_imp, group_idxs = [], []
+        group = pruners.plain_view(group)  # NF-Nets' scaled std convs read as convs
         for i, (dep, idxs) in enumerate(group):
             layer, prune_fn = dep.layer, dep.pruning_fn
             if not isinstance(layer, tuple(self.target_types)):
