@@ -22,7 +22,11 @@ from models import Classifier, loaders, trainer
 
 
 class Mixer(nn.Module):
-    """HF Mamba's slow path in small: torch-pruning's split mapping raises IndexError on its chunk/split."""
+    """HF Mamba's slow path in small: torch-pruning's split mapping raises IndexError on its chunk/split.
+
+    Its ``D`` is a buffer, so HalfPrune's own Mamba support (``core/mamba.py``, which wants the parameters of a real
+    mixer) does not take it over: what is left is a layer torch-pruning fails on, as any unknown layer may be.
+    """
 
     def __init__(self, d: int = 8, inner: int = 16, state: int = 4, rank: int = 2):
         super().__init__()
@@ -31,7 +35,7 @@ class Mixer(nn.Module):
         self.x_proj = nn.Linear(inner, rank + 2 * state)
         self.dt_proj = nn.Linear(rank, inner)
         self.A_log = nn.Parameter(torch.zeros(inner, state))
-        self.D = nn.Parameter(torch.ones(inner))
+        self.register_buffer("D", torch.ones(inner))
         self.out_proj = nn.Linear(inner, d)
         self.rank, self.state = rank, state
 
