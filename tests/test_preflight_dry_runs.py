@@ -116,3 +116,15 @@ def test_a_break_in_the_models_own_forward_is_found_by_halving(dry_runs):
     assert "in the model's own forward" in left_out["odd"]
     assert len(dry_runs) < groups + 2  # one dry run per group alone, and the two together, before
     assert "odd" not in dry_runs[-1] and len(dry_runs[-1]) == groups - 1
+
+
+def test_leaving_groups_out_does_not_search_every_root_again(monkeypatch):
+    from lightning_halfprune.core import group_search
+
+    torch.manual_seed(0)
+    surgeon = Surgeon(TalkingNet(2), torch.randn(2, 5, 6))
+    searches = []
+    search = group_search._search
+    monkeypatch.setattr(group_search, "_search", lambda *a: searches.append(a) or search(*a))
+    assert preflight(surgeon, [0.3, 0.5])
+    assert searches == []  # the graph is put back after each dry run: each root's search still holds
