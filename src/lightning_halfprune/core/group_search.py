@@ -169,6 +169,7 @@ def all_groups(
     *,
     budget_s: float = BUDGET_S,
     total_s: float = TOTAL_S,
+    searched: dict[int, tuple[Any, str | None]] | None = None,
 ) -> list[Any]:
     """torch-pruning's ``get_all_groups``, less the roots it cannot search (left out, named in one warning).
 
@@ -179,6 +180,9 @@ def all_groups(
         roots: the module types whose output channels root a group.
         budget_s: seconds of search one root may take; a root over it is left out.
         total_s: seconds the whole search may take; roots not reached by then are left out.
+        searched: each root's earlier search outcome (its group, or why it has none) on this very graph with the
+            model's parameters unchanged; filled in here. A root found there is not searched (nor warned about)
+            again: a search over budget costs its ``budget_s`` every time (timm's ``mobilevitv2_050``).
 
     Raises:
         Stopped: a stop was requested (``stopping``); nothing was changed.
@@ -209,14 +213,21 @@ def all_groups(
                         f"{PROGRESS_S:g} s (layer {i + 1} of {len(candidates)}); a layer whose search takes over "
                         f"{budget_s:g} s is left out."
                     )
-                group, why = _search(graph, module, watch)
-                if why is None:
-                    why = _through_failed(graph, group, failed_nodes)
+                known = searched is not None and id(module) in searched
+                if known:
+                    group, why = searched[id(module)]
+                else:
+                    group, why = _search(graph, module, watch)
+                    if why is None:
+                        why = _through_failed(graph, group, failed_nodes)
+                    if searched is not None:
+                        searched[id(module)] = (group, why)
                 if why is not None:
                     coupled = _coupled(graph, module) & roots_left - visited - {id(module)}
                     visited.update(coupled)  # they would fail alike: not searched again, counted here
                     more = f" (and {len(coupled)} layers coupled to it)" if coupled else ""
-                    left_out[_name(graph, module)] = why + more
+                    if not known:  # told once per graph
+                        left_out[_name(graph, module)] = why + more
                     continue
                 prunable = True
                 for dep, _ in group:

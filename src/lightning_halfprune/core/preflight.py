@@ -17,7 +17,7 @@ decides what happens then:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -139,18 +139,107 @@ def guarded(score: Callable[[Any], Any], surgeon: Surgeon, failed: dict[str, str
 
 
 def _culprits(surgeon: Surgeon, cuts: Sequence[Cut], err: SurgeryError) -> dict[str, str]:
-    """Which of ``cuts`` make the model fail: after a broken forward every cut is tried alone (dry runs)."""
+    """Which of ``cuts`` make the model fail, in few dry runs; the caller dry-runs the rest together again.
+
+    After a broken forward: first the groups it names (those around the layer that failed), then those rooted in
+    each module around that layer, inner first; if none of them fails alone, every cut, by halving (a half that
+    passes is cleared in one dry run). A group proven to fail takes along the groups at the same place in modules of
+    the same class and configuration losing as many channels (``_alike``): their forwards would fail alike, so they
+    are not dry-run one by one.
+    """
     named = [c for c in cuts if c.layer in err.groups] or list(cuts)
     if len(cuts) == 1 or not isinstance(err, BrokenForward):
         return {c.layer: _reason(err) for c in named}
-    culprits = {}
-    for c in cuts:
-        check_stop()
+    found: dict[str, SurgeryError] = {}
+    tried, passed = 0, set()
+    for suspects in _suspects(cuts, named, err.layer or ""):
+        if tried < len(suspects) < len(cuts):
+            tried = len(suspects)
+            found = _failing(surgeon, suspects, passed)
+            if found:
+                break
+    if not found:
+        found = _failing(surgeon, list(cuts), passed, err)
+    if not found:  # they fail only together: leave out those it names
+        return {c.layer: _reason(err) for c in named}
+    return {name: _reason(e) for name, e in found.items()} | _alike(surgeon, cuts, found)
+
+
+def _suspects(cuts: Sequence[Cut], named: list[Cut], layer: str) -> Iterator[list[Cut]]:
+    """The named cuts, then with them those rooted in each module around ``layer``, from the innermost out."""
+    yield named
+    parts = layer.split(".") if layer else []
+    for i in range(len(parts) - 1, 0, -1):
+        inside = ".".join(parts[:i]) + "."
+        yield [c for c in cuts if c in named or c.layer.startswith(inside)]
+
+
+def _failing(
+    surgeon: Surgeon, cuts: list[Cut], passed: set[tuple[str, ...]], failed: SurgeryError | None = None
+) -> dict[str, SurgeryError]:
+    """The cuts whose dry run fails on its own, by halving ``cuts`` (``failed``: their dry run together failed).
+
+    ``passed``: the sets of cuts already dry-run without failing (not run again), added to here.
+    """
+    key = tuple(c.layer for c in cuts)
+    if failed is None:
+        if key in passed:
+            return {}
+        check_stop()  # SIGTERM between dry runs (``fit.checks.stop_on_sigterm``)
         try:
-            surgeon.cut([c], dry_run=True)
-        except SurgeryError as alone:
-            culprits[c.layer] = _reason(alone)
-    return culprits or {c.layer: _reason(err) for c in named}  # they fail only together: leave out those it names
+            surgeon.cut(cuts, dry_run=True)
+            passed.add(key)
+            return {}
+        except SurgeryError as err:
+            failed = err
+    if len(cuts) == 1:
+        return {cuts[0].layer: failed}
+    half = len(cuts) // 2
+    return _failing(surgeon, cuts[:half], passed) | _failing(surgeon, cuts[half:], passed)
+
+
+def _alike(surgeon: Surgeon, cuts: Sequence[Cut], found: dict[str, SurgeryError]) -> dict[str, str]:
+    """Cuts like a failing one: at its place in another module of the failing layer's class and configuration.
+
+    The failing group is placed by the innermost module holding both its root and the layer whose forward failed
+    (e.g. timm's ``blocks.0.attn``); a group at the same path in a module with the same class, parameter shapes and
+    plain attributes, losing as many channels, sees the same shapes in the same code.
+    """
+    modules = dict(surgeon.model.named_modules())
+    by_name = {c.layer: c for c in cuts}
+    alike: dict[str, str] = {}
+    for name, err in found.items():
+        anchor = _common(name, getattr(err, "layer", None) or "")
+        if not anchor or anchor not in modules:
+            continue
+        rest, config = name[len(anchor) + 1 :], _config(modules[anchor])
+        for other, module in modules.items():
+            c = by_name.get(f"{other}.{rest}")
+            if c is None or c.layer in found or c.layer in alike or other == anchor:
+                continue
+            if len(c.channels) == len(by_name[name].channels) and _config(module) == config:
+                alike[c.layer] = (
+                    f"left out with {name!r} without a dry run of its own: its {type(module).__name__} is configured "
+                    f"alike and would lose as many channels ({_reason(err)})"
+                )
+    return alike
+
+
+def _common(a: str, b: str) -> str:
+    """The innermost module path holding both ``a`` and ``b`` ('' if only the model does)."""
+    common = []
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common) if len(common) < len(a.split(".")) else ".".join(common[:-1])
+
+
+def _config(module: nn.Module) -> tuple:
+    tensors = (*module.named_parameters(), *module.named_buffers())
+    plain = (bool, int, float, str)
+    attrs = sorted((k, v) for k, v in vars(module).items() if isinstance(v, plain) and not k.startswith("_"))
+    return type(module), tuple((n, tuple(t.shape)) for n, t in tensors), tuple(attrs)
 
 
 def _leave_out(surgeon: Surgeon, groups: dict[str, str], before_training: bool) -> None:

@@ -103,6 +103,7 @@ class Surgeon:
         self._graph: tp.DependencyGraph | None = None
         self._signature: tuple = ()
         self._groups: tuple[tuple, list[ChannelGroup]] | None = None
+        self._searched: tuple[Any, tuple, dict] = (None, (), {})  # graph, signature -> each root's search outcome
         self.original_widths = dict(original_widths) if original_widths else {g.name: g.width for g in self.groups()}
         if not self.original_widths:
             raise ValueError(
@@ -123,6 +124,7 @@ class Surgeon:
     def forget_graph(self) -> None:
         """Drop the graph and groups (rebuilt on next use): they hold the parameters, e.g. full ones now sharded."""
         self._graph, self._groups, self._signature = None, None, ()
+        self._searched = (None, (), {})
 
     def _build_graph(self) -> tp.DependencyGraph:
         self.graph_builds += 1
@@ -162,7 +164,9 @@ class Surgeon:
         roots = ROOT_TYPES + tuple(t for t, p in pruners.items() if getattr(p, "is_root", True))
         holders = shared_parameter_holders(self.model)
         found = []
-        for group in all_groups(graph, self.model, not_roots, roots):
+        if self._searched[0] is not graph or self._searched[1] != self._signature:
+            self._searched = (graph, self._signature, {})  # a root's search holds until graph or params change
+        for group in all_groups(graph, self.model, not_roots, roots, searched=self._searched[2]):
             if reaches_output(graph, group):
                 continue
             if stream and cuts_residual_stream(graph, group, stream):
@@ -287,6 +291,8 @@ class Surgeon:
 
     def ignore(self, layers: Sequence[str]) -> None:
         """Leave the groups rooted at ``layers`` alone from now on, as if they were in ``ignored_layers``."""
+        if not layers:
+            return
         self.ignored_layers.extend(module_by_name(self.model, name) for name in layers)
         self._groups = None
 
