@@ -19,7 +19,7 @@ from lightning_halfprune.core.measure import count_params  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
 from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
 from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
-from transformer_models import Wrapper, loader  # noqa: E402
+from transformer_models import Wrapper, assert_adam_state_follows, loader  # noqa: E402
 
 HIDDEN, INNER, STATE = 32, 64, 8
 
@@ -46,15 +46,6 @@ def assert_mixer_width(mixer, inner):
     assert mixer.A_log.shape == (inner, STATE) and mixer.D.shape == (inner,)
     assert mixer.out_proj.weight.shape == (HIDDEN, inner) and mixer.out_proj.in_features == inner
     assert mixer.intermediate_size == inner
-
-
-def assert_adam_state_follows(model):
-    optimizer = model.trainer.optimizers[0]
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in optimizer.state.get(p, {}):
-                    assert optimizer.state[p][key].shape == p.shape
 
 
 @pytest.mark.slow

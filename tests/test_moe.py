@@ -21,7 +21,7 @@ from lightning_halfprune.core.plan import Cut  # noqa: E402
 from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
 from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
 from moe_models import MoEWrapper, SwitchMoE  # noqa: E402
-from transformer_models import loader  # noqa: E402
+from transformer_models import assert_adam_state_follows, loader  # noqa: E402
 
 
 def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, moe_mode="width", **halfprune):
@@ -39,15 +39,6 @@ def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, moe_mode="width"
 
 def expert_widths(model):
     return [w for e in moe.find_experts(model) for w in e.widths]
-
-
-def assert_adam_state_follows(model):
-    optimizer = model.trainer.optimizers[0]
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in optimizer.state.get(p, {}):
-                    assert optimizer.state[p][key].shape == p.shape
 
 
 @pytest.mark.slow

@@ -238,3 +238,13 @@ def loader(kind: str, n: int = 32, batch_size: int = 8) -> DataLoader:
         x = torch.randint(1, VOCAB, (n, SEQ), generator=g)
     y = torch.randint(0, CLASSES, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def assert_adam_state_follows(model) -> None:
+    """Every Adam moment of the fit's optimizer has its (pruned) parameter's shape."""
+    optimizer = model.trainer.optimizers[0]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in optimizer.state.get(p, {}):
+                    assert optimizer.state[p][key].shape == p.shape
