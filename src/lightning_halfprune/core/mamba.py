@@ -20,7 +20,6 @@ and floors as for any group), also with ``global_pruning``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,16 +119,9 @@ def magnitudes(mixer: nn.Module) -> torch.Tensor:
         return (rows[:inner] + rows[inner:] + cols).sqrt().cpu()
 
 
-def plan_cuts(
-    g: ChannelGroup, original_widths: dict[str, int], ratio: float, max_layer_ratio: float, round_to: int | None
-) -> list[tuple[str, list[int]]]:
-    """(mixer, channels) to cut so the mixer keeps ``1 - ratio`` of its original width, the weakest channels going."""
-    original, now = original_widths[g.name], g.group.mixer.width
-    keep = int(math.floor(original * (1 - ratio) + 0.5))
-    if round_to:
-        keep = max(round_to, int(math.floor(keep / round_to + 0.5)) * round_to)
-    keep = min(now, max(keep, 1, math.ceil(original * (1 - max_layer_ratio) - 1e-9)))
-    drop = torch.argsort(magnitudes(g.group.mixer.module), stable=True)[: now - keep]
+def plan_cuts(g: ChannelGroup, keep: int) -> list[tuple[str, list[int]]]:
+    """(mixer, channels) to cut so the mixer keeps ``keep`` channels (the planner's rounding and floors)."""
+    drop = torch.argsort(magnitudes(g.group.mixer.module), stable=True)[: g.group.mixer.width - keep]
     return [(g.name, sorted(int(c) for c in drop))] if len(drop) else []
 
 

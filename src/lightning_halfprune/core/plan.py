@@ -114,8 +114,7 @@ class Planner:
                 cuts.extend(Cut(*cut) for cut in moe.plan_cuts(g, *args))
                 continue
             if isinstance(g.group, mamba.MixerGroup):  # a Mamba mixer's inner width, always to the ratio
-                args = (self.original_widths, ratio, self.max_layer_ratio, self.round_to)
-                cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, *args))
+                cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, self._kept(g, ratio)))
                 continue
             if g.attention is not None and not self.global_pruning:
                 cuts.extend(self._plan_attention(g, ratio, score))
