@@ -333,8 +333,8 @@ class HalfPrune(Callback):
         timings: dict[str, float] = {}
         start = time.perf_counter()
         drop_spent_grads(trainer, pl_module)  # a cut would keep them alive beside the pruned copies it makes
-        copies = averaging.averaged_copies(trainer)
-        snapshot = ModelSnapshot(pl_module, trainer.optimizers, copies) if self.guard is not None else None
+        averaged = averaging.averaged_copies(trainer)  # EMA/SWA copies, cut alike
+        snapshot = ModelSnapshot(pl_module, trainer.optimizers, averaged) if self.guard is not None else None
         with timed(timings, "measure"):
             before, metric_before = self._stats(pl_module), self.metric.last(trainer)
         old = self._speed.before_cut(pl_module)
@@ -352,7 +352,7 @@ class HalfPrune(Callback):
                 self._distiller.take_teacher(pl_module)
         with timed(timings, "cut"):
             try:
-                cuts = self._cut(trainer, cuts, copies)
+                cuts = self._cut(trainer, cuts, averaged)
             finally:
                 if teacher_due:
                     self._distiller.seal(pl_module)

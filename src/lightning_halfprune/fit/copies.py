@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_halfprune.fit.guard import state_bytes
+
 
 @dataclass(frozen=True)
 class Held:
@@ -51,7 +53,7 @@ def held(
         out.append(Held("original architecture", getattr(original, "nbytes", 0), device,
                         f"shapes only; its weights ({weights / 2**20:.1f} MiB, random) are made for the final timing"))
     if guard is not None:
-        state = sum(_state_bytes(o) for o in optimizers)
+        state = sum(state_bytes(o.state) for o in optimizers)
         out.append(Held("guard rollback point", params + state, "cpu",
                         "from each cut to the guard's verdict (the model, its EMA/SWA copies, the optimizer state as "
                         "it is now)"))
@@ -67,9 +69,3 @@ def message(copies: Sequence[Held]) -> str:
     if not copies:
         return "HalfPrune holds no copy of the model."
     return "HalfPrune holds: " + "; ".join(c.describe() for c in copies) + "."
-
-
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-    )

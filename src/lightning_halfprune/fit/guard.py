@@ -47,7 +47,7 @@ class ModelSnapshot:
 
     @property
     def nbytes(self) -> int:
-        state = sum(_state_bytes(s) for _, s, _ in self.optimizers)
+        state = sum(state_bytes(s) for _, s, _ in self.optimizers)
         return sum(snapshot.nbytes for snapshot, _ in self.roots) + state
 
     def restore(self, live_device: torch.device) -> None:
@@ -165,11 +165,12 @@ def _cpu_state(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
-def _state_bytes(state: Any) -> int:
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in ``state`` (an optimizer's state or state dict, nested dicts and lists)."""
     if torch.is_tensor(state):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
-        return sum(_state_bytes(v) for v in state.values())
+        return sum(state_bytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):
-        return sum(_state_bytes(v) for v in state)
+        return sum(state_bytes(v) for v in state)
     return 0

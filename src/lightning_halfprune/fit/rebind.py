@@ -158,21 +158,16 @@ def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _tensors_in(v, depth + 1)
 
 
-def drop_spent_grads(trainer: Any, module: nn.Module) -> int:
-    """Let go of the gradients the optimizers have already used, before a cut; returns the bytes let go.
+def drop_spent_grads(trainer: Any, module: nn.Module) -> None:
+    """Let go of the gradients the optimizers have already used, before a cut.
 
     Lightning sets them to zero before the next step anyway, but a cut would keep them alive beside the pruned
     copies it makes (torch-pruning slices ``.grad`` along with each parameter): on a model that fills the device,
     the largest extra cost of a prune event. Gradients still being accumulated, or under manual optimization, stay.
     """
-    if not lc.grads_spent(trainer):
-        return 0
-    freed = 0
-    for p in module.parameters():
-        if p.grad is not None:
-            freed += p.grad.numel() * p.grad.element_size()
+    if lc.grads_spent(trainer):
+        for p in module.parameters():
             p.grad = None
-    return freed
 
 
 def rewrap_ddp(strategy: Any) -> bool:
