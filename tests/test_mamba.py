@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -19,7 +18,7 @@ from lightning_halfprune.core.measure import count_params  # noqa: E402
 from lightning_halfprune.core.plan import Cut  # noqa: E402
 from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
 from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
-from transformer_models import Wrapper, assert_adam_state_follows, loader  # noqa: E402
+from transformer_models import Wrapper, assert_adam_state_follows, loader, short_trainer  # noqa: E402
 
 HIDDEN, INNER, STATE = 32, 64, 8
 
@@ -27,11 +26,7 @@ HIDDEN, INNER, STATE = 32, 64, 8
 def fit(tmp_path, epochs=3, callbacks=(), ckpt_path=None):
     model = Wrapper("mamba", optimizer="adamw")
     cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-        enable_checkpointing=bool(callbacks), callbacks=[cb, *callbacks], enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=3, limit_val_batches=1,
-    )
+    trainer = short_trainer(tmp_path, epochs, cb, callbacks)
     trainer.fit(model, loader("mamba"), loader("mamba"), ckpt_path=ckpt_path)
     return model, cb
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,18 +20,14 @@ from lightning_halfprune.core.plan import Cut  # noqa: E402
 from lightning_halfprune.core.scoring import get_scorer  # noqa: E402
 from lightning_halfprune.core.surgeon import Surgeon  # noqa: E402
 from moe_models import MoEWrapper, SwitchMoE  # noqa: E402
-from transformer_models import assert_adam_state_follows, loader  # noqa: E402
+from transformer_models import assert_adam_state_follows, loader, short_trainer  # noqa: E402
 
 
 def fit(tmp_path, kind, epochs=3, callbacks=(), ckpt_path=None, moe_mode="width", **halfprune):
     model = MoEWrapper(kind)
     cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, timing=None, verbose=False, **halfprune)
     cb.moe = moe_mode  # read by fit/planning.build_surgeon; HalfPrune takes no `moe=` argument yet (lead's call)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-        enable_checkpointing=bool(callbacks), callbacks=[cb, *callbacks], enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=3, limit_val_batches=1,
-    )
+    trainer = short_trainer(tmp_path, epochs, cb, callbacks)
     trainer.fit(model, loader("llama"), loader("llama"), ckpt_path=ckpt_path)
     return model, cb
 

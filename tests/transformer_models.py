@@ -248,3 +248,13 @@ def assert_adam_state_follows(model) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in optimizer.state.get(p, {}):
                     assert optimizer.state[p][key].shape == p.shape
+
+
+def short_trainer(tmp_path, epochs: int, halfprune: pl.Callback, callbacks=()) -> pl.Trainer:
+    """A CPU Trainer of ``epochs`` epochs of 3 batches (1 validation batch) with ``halfprune`` and ``callbacks``;
+    Lightning's own checkpointing only when ``callbacks`` are given (they bring their ``ModelCheckpoint``)."""
+    return pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+        enable_checkpointing=bool(callbacks), callbacks=[halfprune, *callbacks], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=3, limit_val_batches=1,
+    )
