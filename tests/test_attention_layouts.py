@@ -12,7 +12,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from layout_models import KINDS, LayoutModule, example, loader  # noqa: E402
+from layout_models import HEADS, KINDS, LayoutModule, example, loader  # noqa: E402
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune.core import attention as attn  # noqa: E402
 from lightning_halfprune.core import attention_layouts as layouts  # noqa: E402
@@ -130,22 +130,18 @@ def test_heads_removed_exactly_and_configs_follow(kind):
     surgeon = Surgeon(model, (x,))
     cuts = _attention_cuts(surgeon)
     assert len(cuts) == len(specs)
-    reference = head_check.without_heads(model, cuts) if kind != "t5" else None
+    reference = head_check.without_heads(model, cuts)
     surgeon.cut(cuts)
     after = {s.name: (s.num_heads, s.num_kv_heads, s.head_dim) for s in attn.find_attention(model)}
-    for name, (h, kv, d) in before_heads.items():
-        if kind == "t5":  # a shared per-head position bias: heads stay, head dims halve
-            assert after[name] == (h, kv, d // 2)
-        else:
-            assert after[name][0] == h // 2 and after[name][2] == d
+    for name, (h, _kv, d) in before_heads.items():
+        assert after[name][0] == h // 2 and after[name][2] == d
     assert head_check.config_mismatches(model) == []
     assert _hidden(model.net) == hidden  # the residual stream is untouched with the default
     with torch.no_grad():
         out = model(x)
     assert out.shape == out_shape
-    if reference is not None:  # exactly the computation without the removed heads (layout and ALiBi slopes right)
-        with torch.no_grad():
-            torch.testing.assert_close(out, reference.eval()(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # exactly the computation without the removed heads (layout, ALiBi slopes, T5's bias)
+        torch.testing.assert_close(out, reference.eval()(x), rtol=1e-5, atol=1e-5)
     model.train()
     model(x).float().sum().backward()  # train mode runs and back-propagates
 
@@ -203,15 +199,16 @@ class BeitAttention(nn.Module):
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         rel = self.relative_position_bias_table.view(n, n, -1).permute(2, 0, 1)
         a = (q @ k.transpose(-2, -1) * self.head_dim**-0.5 + rel).softmax(-1) * self.head_gate.view(1, -1, 1, 1)
-        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1 if self.to_heads else c))
 
 
 class BeitNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, to_heads: bool = True) -> None:
         super().__init__()
         self.embed = nn.Linear(6, 32)
         self.norm = nn.LayerNorm(32)
         self.attn = BeitAttention()
+        self.attn.to_heads = to_heads  # False: timm's BEiT, the output reshaped to the input width
         self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
         self.head = nn.Linear(32, 3)
 
@@ -235,6 +232,45 @@ def test_per_head_tables_biases_and_gates_travel_with_their_heads():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_reshaped_to_its_input_width_is_named_as_the_reason_heads_stay():
+    """timm's BEiT/EVA reshape the heads' output to the input width: a head cut cannot run, and the error says why
+    in words, not only torch's reshape message."""
+    torch.manual_seed(0)
+    net, x = BeitNet(to_heads=False).eval(), torch.randn(2, 5, 6)
+    surgeon = Surgeon(net, x)
+    with pytest.raises(SurgeryError, match=r"reshapes the attention output to its input width, 32"):
+        surgeon.cut(_attention_cuts(surgeon))
+    assert net.attn.num_heads == 4 and net(x).shape == (2, 3)
+
+
+class HieraAttention(nn.Module):
+    """timm Hiera's `MaskUnitAttention`: `heads` and `dim_out` (the heads' width, read by its final reshape)."""
+
+    def __init__(self, dim: int = 16, dim_out: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.dim_out, self.heads, self.head_dim = dim_out, heads, dim_out // heads
+        self.qkv = nn.Linear(dim, 3 * dim_out)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, -1, self.dim_out))
+
+
+def test_heads_named_heads_and_a_width_named_dim_out_are_cut_and_follow():
+    torch.manual_seed(0)
+    net, x = nn.Sequential(HieraAttention(), nn.Linear(32, 3)).eval(), torch.randn(2, 5, 16)
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    assert (net[0].heads, net[0].dim_out, net[0].head_dim) == (2, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
     """Hugging Face Swin (5.x) keeps its relative position bias table in a `relative_position_bias` child."""
     import transformers as tf
@@ -254,6 +290,41 @@ def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
         assert a.relative_position_bias.relative_position_bias_table.shape[-1] == heads // 2
     with torch.no_grad():
         torch.testing.assert_close(net(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_layers_sharing_a_position_bias_lose_the_same_heads_and_its_columns():
+    """T5's first layer computes the per-head relative bias that every later layer of its stack adds: the stack's
+    self-attentions (and, with their shared zero bias, its cross-attentions) lose the same heads, and the bias
+    table (`relative_attention_bias`, one column per head) loses their columns."""
+    model = LayoutModule("t5").eval()
+    surgeon = Surgeon(model, (example("t5"),))
+    cuts = {c.layer: c.channels for c in _attention_cuts(surgeon)}
+    for stack, kind in (("encoder", "SelfAttention"), ("decoder", "SelfAttention"), ("decoder", "EncDecAttention")):
+        tied = [channels for layer, channels in cuts.items() if f"{stack}." in layer and kind in layer]
+        assert len(tied) == 2 and tied[0] == tied[1] and tied[0]
+    first = model.net.encoder.block[0].layer[0].SelfAttention
+    table = first.relative_attention_bias.weight.detach().clone()
+    removed = sorted({c // first.key_value_proj_dim for c in cuts["net.encoder.block.0.layer.0.SelfAttention.q"]})
+    surgeon.cut([Cut(layer, channels) for layer, channels in cuts.items()])
+    kept = [h for h in range(HEADS) if h not in removed]
+    torch.testing.assert_close(first.relative_attention_bias.weight, table[:, kept])
+    assert first.relative_attention_bias.embedding_dim == first.n_heads == len(kept)
+
+
+def test_a_tie_with_a_module_left_out_keeps_every_head():
+    """When one module of a tie is ignored, losing heads in the others would break the shared bias: the tie's other
+    modules keep their heads and lose head dims instead, and the model still runs."""
+    model = LayoutModule("t5").eval()
+    x = example("t5")
+    ignored = model.net.decoder.block[1].layer[0].SelfAttention
+    surgeon = Surgeon(model, (x,), ignored_layers=[ignored.q, ignored.k, ignored.v, ignored.o])
+    surgeon.cut(_attention_cuts(surgeon))
+    decoder = {s.name: (s.num_heads, s.head_dim) for s in attn.find_attention(model) if ".decoder." in s.name}
+    assert decoder["net.decoder.block.0.layer.0.SelfAttention"] == (HEADS, 8)
+    assert decoder["net.decoder.block.1.layer.0.SelfAttention"] == (HEADS, 16)
+    assert decoder["net.decoder.block.0.layer.1.EncDecAttention"][0] == HEADS // 2  # its own tie is whole
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
 
 
 def test_albert_layer_norm_inside_the_attention_module_keeps_its_width():
@@ -424,6 +495,8 @@ def test_fit_cuts_neox_heads_and_loads_back(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["falcon_mqa", "falcon_grouped", "bloom", "modernbert", "deberta_v2", "whisper"])
+@pytest.mark.parametrize(
+    "kind", ["falcon_mqa", "falcon_grouped", "bloom", "modernbert", "deberta_v2", "whisper", "t5"]
+)
 def test_fit_cuts_heads_and_loads_back(tmp_path, kind):
     _check_fit(tmp_path, kind)

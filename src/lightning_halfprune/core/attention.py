@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,7 +51,7 @@ _SEPARATE = (
     ("query_proj", "key_proj", "value_proj"),
 )
 _OUTPUT = ("o_proj", "out_proj", "out_lin", "c_proj", "proj", "o", "dense", "Wo")
-_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "d_head", "head_size", "key_value_proj_dim")
 
@@ -102,6 +103,8 @@ class AttentionSpec:
     layout: str = layouts.BLOCKED  # rows of a fused q/k/v projection (attention_layouts.py)
     extras: tuple = ()  # (layer, "q" | "kv"): more per-head projections (DeBERTa-v2's position projections)
     locked: str | None = None  # why heads cannot be removed (cut by head dims instead)
+    tie: str | None = None  # modules sharing one per-head position bias lose the same heads (attention_layouts.py)
+    tie_size: int = 1  # how many modules the tie has
     uncut: str | None = None  # why the module is left uncut (an ambiguous fused layout)
     shards: int = 1  # blocks of a sharded fused projection (CodeGen's `mp_num`), each holding as many heads
 
@@ -160,6 +163,7 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
         spec = _spec(name, module, modules)
         if spec is not None:
             specs.append(spec)
+    layouts.bind_ties(specs)
     return specs
 
 
@@ -235,6 +239,26 @@ def _forward_params(module: nn.Module) -> Sequence[str]:
         return list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return []
+
+
+_RESHAPE = re.compile(r"shape '\[([-\d, ]+)\]' is invalid for input")
+
+
+def input_width_hint(module: nn.Module, err: BaseException) -> str:
+    """Why cutting ``module``'s heads broke its forward, if it reshapes the heads' output to its input width.
+
+    timm's BEiT, EVA and PVT-v2 attentions end with ``x.reshape(B, N, C)``, ``C`` read from the input: the heads'
+    output must keep the input width, so no head (nor head dim) can go without changing their code.
+    """
+    match = _RESHAPE.search(str(err))
+    names = {*_FUSED, *(trio[0] for trio in _SEPARATE)}
+    widths = {in_width(child) for name, child in module.named_children() if name in names}
+    if match is None or int(match.group(1).split(",")[-1]) not in widths:
+        return ""
+    return (
+        f" (its forward reshapes the attention output to its input width, {int(match.group(1).split(',')[-1])}, "
+        "not to heads x head dim: its heads cannot be cut without changing its code; the rest of the model is)"
+    )
 
 
 # ------------------------------------------------------------------ scoring
@@ -405,7 +429,7 @@ _SYNCED = {
     "heads": _HEADS,
     "kv": _KV_HEADS,
     "head_dim": _HEAD_DIM,
-    "width": ("all_head_size", "split_size", "inner_dim", "attn_dim"),
+    "width": ("all_head_size", "split_size", "inner_dim", "attn_dim", "dim_out"),  # dim_out: timm's Hiera
 }
 
 

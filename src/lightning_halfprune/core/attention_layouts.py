@@ -21,9 +21,13 @@ whatever the layout. A fused projection of an attention class whose layout is no
 (DeBERTa v1's ``in_proj``) is *ambiguous*: it is left uncut with a warning, since a wrong guess would mix heads
 silently while the forward still runs.
 
-Heads that cannot be removed: a per-head position bias computed once and passed from layer to layer (T5's
-``relative_attention_bias``, ``position_bias``) would stop matching a layer that lost heads; such modules are cut by
-head dims instead (the bias is per head, not per offset), which keeps every head.
+Heads *tied* across layers: a per-head position bias computed once by the first layer of a stack and passed on to
+the others (T5's ``relative_attention_bias`` and ``position_bias``; its cross-attention passes a zero bias the same
+way) must keep matching every layer that adds it. The attention modules at the same place of every repeated block
+(the same name but for the block indices: ``encoder.block.*.layer.0.SelfAttention``) form a *tie*: they lose the
+same heads, planned from their summed scores, and the bias table's column of each removed head goes with it. A tie
+whose modules differ in head structure, or use rotary embeddings, is *locked*: every head stays and it is cut by
+head dims instead (the bias is per head, not per offset).
 """
 
 from __future__ import annotations
@@ -178,14 +182,36 @@ def extras(module: nn.Module, q_width: int) -> tuple[tuple[nn.Module, str], ...]
     return tuple(found)
 
 
-def locked_heads(module: nn.Module, forward_params: Sequence[str]) -> str | None:
-    """Why the heads of ``module`` must all stay (they are cut by head dims instead), or None."""
-    if "position_bias" in forward_params or hasattr(module, "has_relative_attention_bias"):
-        return (
-            "its per-head relative position bias is computed once and shared with the other layers (T5-style), "
-            "so every layer keeps its heads and is cut by head dims instead"
-        )
-    return None
+def shares_bias(forward_params: Sequence[str], module: nn.Module) -> bool:
+    """Whether ``module`` adds a per-head position bias passed in from another layer (T5-style)."""
+    return "position_bias" in forward_params or hasattr(module, "has_relative_attention_bias")
+
+
+def tie_key(name: str) -> str:
+    """The place of an attention module in its repeated blocks: its name with the block indices starred."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def bind_ties(specs: Sequence[AttentionSpec]) -> None:
+    """Give every bias-sharing module its tie and the tie's size; lock a tie of rotary modules (head dims only).
+
+    That the members still agree in head structure is checked when they are planned (a cut changes one at a time).
+    """
+    ties: dict[str, list[AttentionSpec]] = {}
+    for spec in specs:
+        if spec.tie is not None:
+            ties.setdefault(spec.tie, []).append(spec)
+    for members in ties.values():
+        rope = any(s.rope for s in members)
+        for spec in members:
+            spec.tie_size = len(members)
+            if rope:
+                spec.locked = "its per-head position bias is shared across rotary layers, so every head stays"
+
+
+def same_heads(specs: Sequence[AttentionSpec]) -> bool:
+    """Whether the modules of a tie have one head structure (they can lose the same heads)."""
+    return len({(s.num_heads, s.num_kv_heads, s.head_dim, s.layout, s.shards) for s in specs}) == 1
 
 
 def refine(spec: AttentionSpec, forward_params: Sequence[str]) -> AttentionSpec:
@@ -197,7 +223,7 @@ def refine(spec: AttentionSpec, forward_params: Sequence[str]) -> AttentionSpec:
             spec.shards, why = _shards(spec)
         spec.uncut = why
     spec.extras = extras(spec.module, spec.q_width)
-    spec.locked = locked_heads(spec.module, forward_params)
+    spec.tie = tie_key(spec.name) if shares_bias(forward_params, spec.module) else None
     return spec
 
 
@@ -221,4 +247,5 @@ def describe(spec: AttentionSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "heads": spec.num_heads, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
         "layout": spec.layout if spec.qkv is not None else "separate", "uncut": spec.uncut, "locked": spec.locked,
+        "tie": spec.tie,
     }

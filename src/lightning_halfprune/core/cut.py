@@ -255,7 +255,8 @@ def checked_forward(
         groups = _groups_touching(members or {}, cuts, layer)
         where = f"in layer {layer!r} ({type(running[-1]).__name__})" if layer else "in the model's own forward"
         mode = " in training mode" if mode == "training" else ""
-        reason = f"the forward{mode} failed {where} with {type(err).__name__}: {err}"
+        hint = attn.input_width_hint(running[-1], err) if running else ""
+        reason = f"the forward{mode} failed {where} with {type(err).__name__}: {err}{hint}"
         raise BrokenForward(
             f"after removing channels from the coupled group(s) {groups} the model no longer runs "
             f"`example_input`: {reason}. The cut was undone; the model is exactly as before. Add {groups} to "

@@ -7,7 +7,7 @@ them here, with the same heads and head-dim offsets it removes from the projecti
   vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/k/v biases (BEiT's
   ``q_bias``/``v_bias`` parameters and its zero ``k_bias`` buffer, one entry per query or key/value channel); the
   same in a leaf child without a ``weight`` (Hugging Face Swin 5.x keeps its table in a ``relative_position_bias``
-  child);
+  child); an embedding with one column per head (T5's ``relative_attention_bias``, cut with its tie's heads);
 * its normalisation children (q/k norms): per-head-dim norms are sliced only when head dims go; per-channel norms
   over all heads (OLMo-2) and ``(heads, head_dim)`` norms (Cohere) lose the removed heads;
 * extra per-head projections (DeBERTa-v2's ``pos_query_proj``/``pos_key_proj``);
@@ -53,7 +53,10 @@ def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_rem
         _own_params(spec.module, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
     skip = {id(m) for m in (spec.q, spec.k, spec.v, spec.qkv, spec.o, *(e for e, _ in spec.extras)) if m is not None}
     for cname, child in spec.module.named_children():
-        if id(child) not in skip and not any(True for _ in child.children()):
+        if heads and isinstance(child, nn.Embedding) and child.embedding_dim == h:  # T5's relative_attention_bias
+            child.weight = _slice(child.weight, head_keep, 1)
+            child.embedding_dim = len(head_keep)
+        elif id(child) not in skip and not any(True for _ in child.children()):
             qk = cname.lower().startswith(("q", "k"))  # q_norm/k_norm, not ALBERT's LayerNorm after the output
             _norm(child, h, d, kv, head_keep, dim_keep, q_keep, kv_keep, bool(heads), bool(dims), qk)
             if q_removed and "weight" not in child._parameters:  # a bias table in a child (HF Swin 5.x)

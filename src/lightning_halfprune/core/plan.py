@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import allocation, layers, mamba, moe
 from lightning_halfprune.core import attention as attn
+from lightning_halfprune.core import attention_layouts as layouts
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup
 
@@ -82,6 +84,15 @@ def _per_slot(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | No
     return scores.view(g.slots, -1).mean(0)
 
 
+def _partial_tie_message(members: list, size: int) -> str:
+    names = [g.attention.name for g, _ in members]
+    return (
+        f"HalfPrune cuts head dims, not whole heads, of {names}: they add one per-head position bias shared by "
+        f"{size} attention modules, and {size - len(members)} of those are left out (ignored) or now differ, so "
+        "no head may go."
+    )
+
+
 def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
@@ -116,10 +127,7 @@ class Planner:
             if isinstance(g.group, mamba.MixerGroup):  # a Mamba mixer's inner width, always to the ratio
                 cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, self._kept(g, ratio)))
                 continue
-            if g.attention is not None and not self.global_pruning:
-                cuts.extend(self._plan_attention(g, ratio, score))
-                continue
-            if g.attention is not None:  # ranked with everything else, a key/value group (its heads) at a time
+            if g.attention is not None:  # globally: ranked with everything else, a key/value group at a time
                 heads.append((g, _check_scores(g, _score_or_magnitude(g, score))))
                 continue
             scores = _per_slot(g, _check_scores(g, _score_or_magnitude(g, score)))
@@ -127,10 +135,9 @@ class Planner:
                 scored.append((g, scores))
         if self.global_pruning:
             keep, head_keep = self._global_keep(scored, ratio, heads)
-            for g, scores in heads:
-                cuts.extend(self._plan_attention(g, ratio, score, head_keep[g.name], scores))
         else:
-            keep = self._local_keep(scored, ratio)
+            keep, head_keep = self._local_keep(scored, ratio), {}
+        cuts.extend(self._plan_heads(heads, ratio, head_keep))
         for g, scores in scored:
             n_slots_kept = keep[g.name] // g.slots
             drop = torch.argsort(scores, stable=True)[: g.slot_size - n_slots_kept].tolist()
@@ -155,24 +162,48 @@ class Planner:
             for f, h in options
         ]
 
+    def _plan_heads(self, heads: list, ratio: float, head_keep: dict[str, float]) -> list[Cut]:
+        """Every attention module's cut; the modules of a tie (one shared position bias) lose the same heads."""
+        ties: dict[str, list] = {}
+        for g, scores in heads:
+            if g.attention.tie is not None and g.attention.locked is None:
+                ties.setdefault(g.attention.tie, []).append((g, scores))
+        cuts = []
+        for g, scores in heads:
+            members = ties.get(g.attention.tie, [])
+            if not members:
+                cuts.extend(self._plan_attention(g, ratio, scores, head_keep.get(g.name)))
+            elif len(members) < g.attention.tie_size or not layouts.same_heads([m.attention for m, _ in members]):
+                mode = "head_dim" if self.attention in ("heads", "both") else self.attention
+                if g is members[0][0]:
+                    warnings.warn(_partial_tie_message(members, g.attention.tie_size), stacklevel=2)
+                cuts.extend(self._plan_attention(g, ratio, scores, head_keep.get(g.name), mode))
+            elif g is members[0][0]:
+                cuts.extend(self._plan_tie(members, ratio, head_keep))
+        return cuts
+
+    def _plan_tie(self, members: list, ratio: float, head_keep: dict[str, float]) -> list[Cut]:
+        """The same heads of every module of a tie, ranked by their scores summed (each on its own scale)."""
+        total = sum(scores / scores.abs().mean().clamp_min(1e-12) for _, scores in members)
+        fractions = [head_keep[g.name] for g, _ in members if g.name in head_keep]
+        keep = sum(fractions) / len(fractions) if fractions else None
+        first = members[0][0]
+        channels = [c for cut in self._plan_attention(first, ratio, total, keep) for c in cut.channels]
+        return [Cut(g.name, list(channels)) for g, _ in members] if channels else []
+
     def _plan_attention(
-        self,
-        g: ChannelGroup,
-        ratio: float,
-        score: Callable[[Any], torch.Tensor | None],
-        keep_fraction: float | None = None,
-        scores: torch.Tensor | None = None,
+        self, g: ChannelGroup, ratio: float, scores: torch.Tensor, keep_fraction: float | None = None,
+        mode: str | None = None,
     ) -> list[Cut]:
         """Whole heads / uniform head dims of one attention module.
 
         As many as the ratio leaves of it, or ``keep_fraction`` of its current width (given by global pruning).
         """
-        scores = scores if scores is not None else _check_scores(g, _score_or_magnitude(g, score))
         original = self.original_widths[g.name]
         if keep_fraction is None:
             keep_fraction = min(1.0, original * (1 - ratio) / g.width)
         floor_fraction = original * (1 - self.max_layer_ratio) / g.width
-        channels = attn.plan(g.attention, scores, keep_fraction, floor_fraction, self.attention)
+        channels = attn.plan(g.attention, scores, keep_fraction, floor_fraction, mode or self.attention)
         return [Cut(g.name, channels)] if channels else []
 
     def _floor(self, g: ChannelGroup) -> int:
