@@ -128,7 +128,7 @@ def heads_column(fresh, model, left_out: dict, caught: list[str]) -> str:
         why = f" ({s.locked.split(',')[0]})" if s.locked else ""
         parts.append(f"no, head dims {s.head_dim} -> {after[s.name].head_dim} in {len(dims)}/{len(before)}{why}")
     if kept:
-        why = _why_kept(kept[0], left_out, caught)
+        why = _why_kept(kept[0], left_out, caught)  # the first kept module's reason
         parts.append(f"{'left out' if why else 'no'} in {len(kept)}/{len(before)}: {why or 'kept, no reason given'}")
     if missing:
         parts.append(f"{len(missing)}/{len(before)} no longer recognised after the fit")
@@ -140,8 +140,13 @@ def _why_kept(spec, left_out: dict, caught: list[str]) -> str | None:
         return spec.uncut
     for key in (spec.root_name, spec.name):
         if key in left_out:
-            return f"left out at pre-flight: {left_out[key][:100]}"
-    said = [line for w in caught for line in w.splitlines() if spec.name in line]
+            said = left_out[key]
+            hint = said.find("its forward reshapes")  # the reason in words, not torch's reshape message
+            return f"left out at pre-flight: {said[hint:].split(':')[0] if hint >= 0 else said[:100]}"
+    if spec.units <= 1:
+        return "one head (or key/value group), which a module always keeps"
+    quoted = (f"'{spec.name}'", f"'{spec.root_name}'")
+    said = [line for w in caught for line in w.splitlines() if any(q in line for q in quoted)]
     return said[0].strip()[:120] if said else None
 
 

@@ -163,6 +163,10 @@ MODELS = {
     "hf_olmo": _hf("OlmoForCausalLM", "OlmoConfig", "lm", **REAL_LM, **TOKENS),
     "hf_mamba": _hf("MambaForCausalLM", "MambaConfig", "lm", hidden_size=64, num_hidden_layers=4, vocab_size=VOCAB,
                     state_size=8, use_cache=False, **TOKENS),
+    # the proportions of state-spaces/mamba2-130m: tied embeddings ~30% of the params, B|C a tenth of the inner width
+    "hf_mamba2": _hf("Mamba2ForCausalLM", "Mamba2Config", "lm", hidden_size=64, num_hidden_layers=6, vocab_size=VOCAB,
+                     num_heads=8, head_dim=16, expand=2, n_groups=1, state_size=8, chunk_size=8, use_cache=False,
+                     tie_word_embeddings=True, **TOKENS),
     # ---- encoders
     "hf_roberta": _hf("RobertaForSequenceClassification", "RobertaConfig", "text", **CLS, pad_token_id=1),
     "hf_distilbert": _hf("DistilBertForSequenceClassification", "DistilBertConfig", "text", dim=64, n_layers=4,

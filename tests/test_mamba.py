@@ -23,11 +23,11 @@ from transformer_models import Wrapper, assert_adam_state_follows, loader, short
 HIDDEN, INNER, STATE = 32, 64, 8
 
 
-def fit(tmp_path, epochs=3, callbacks=(), ckpt_path=None):
-    model = Wrapper("mamba", optimizer="adamw")
+def fit(tmp_path, epochs=3, callbacks=(), ckpt_path=None, kind="mamba"):
+    model = Wrapper(kind, optimizer="adamw")
     cb = HalfPrune(schedule={0: 0.3, 1: 0.5}, latency_batch_size=0, verbose=False)
     trainer = short_trainer(tmp_path, epochs, cb, callbacks)
-    trainer.fit(model, loader("mamba"), loader("mamba"), ckpt_path=ckpt_path)
+    trainer.fit(model, loader(kind), loader(kind), ckpt_path=ckpt_path)
     return model, cb
 
 
@@ -149,3 +149,73 @@ def test_falcon_mamba_mixers_are_cut_alike():
     for mixer in mixers_of(net):
         assert_mixer_width(mixer, INNER // 2)
     assert net.config.intermediate_size == INNER // 2 and net(x).logits.shape == (2, 8, 64)
+
+
+# ------------------------------------------------------------------ Mamba-2: whole heads
+HEADS2, HEAD_DIM2, GROUPS2 = 8, 8, 2
+
+
+def assert_mixer2_heads(mixer, heads):
+    """Every tensor holding heads or their channels has ``heads`` of them; B, C, the state and hidden size stay."""
+    inner, bc = heads * HEAD_DIM2, 2 * GROUPS2 * STATE
+    assert mixer.num_heads == heads and mixer.intermediate_size == inner and mixer.conv_dim == inner + bc
+    assert mixer.in_proj.weight.shape == (2 * inner + bc + heads, HIDDEN)
+    assert mixer.conv1d.weight.shape == (inner + bc, 1, 4) and mixer.conv1d.groups == inner + bc
+    assert mixer.A_log.shape == mixer.D.shape == mixer.dt_bias.shape == (heads,)
+    assert mixer.norm.weight.shape == (inner,) and mixer.norm.group_size == inner // GROUPS2
+    assert mixer.out_proj.weight.shape == (HIDDEN, inner)
+
+
+def test_mamba2_heads_are_cut_in_every_tensor_that_holds_them():
+    net = Wrapper("mamba2").net.eval()
+    x = torch.randint(1, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    assert [g.name for g in surgeon.groups()] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    mixer = net.backbone.layers[0].mixer
+    before = {n: p.detach().clone() for n, p in mixer.named_parameters()}
+    old_a_log, moment = mixer.A_log, torch.randn(HEADS2)
+    remap = surgeon.cut([Cut("backbone.layers.0.mixer", [1, 6])])  # one head of each group of 4
+    assert_mixer2_heads(mixer, 6)
+    kept = [0, 2, 3, 4, 5, 7]
+    channels = [h * HEAD_DIM2 + j for h in kept for j in range(HEAD_DIM2)]
+    inner, bc = HEADS2 * HEAD_DIM2, 2 * GROUPS2 * STATE
+    rows = channels + [inner + c for c in channels] + list(range(2 * inner, 2 * inner + bc)) + [
+        2 * inner + bc + h for h in kept]
+    torch.testing.assert_close(mixer.in_proj.weight, before["in_proj.weight"][rows])
+    torch.testing.assert_close(mixer.out_proj.weight, before["out_proj.weight"][:, channels])
+    torch.testing.assert_close(mixer.dt_bias, before["dt_bias"][kept])
+    torch.testing.assert_close(remap.slice_like(old_a_log, moment), moment[kept])  # Adam moments follow
+    assert net(x).logits.shape == (2, 8, 64)
+    net.train()
+    net(x).logits.sum().backward()  # the training forward runs on the cut mixer
+
+
+def test_mamba2_heads_go_the_same_number_per_group():
+    net = Wrapper("mamba2").net.eval()
+    surgeon = Surgeon(net, (torch.randint(1, 64, (2, 8)),))
+    with pytest.raises(SurgeryError, match="the same number per group"):
+        surgeon.cut([Cut("backbone.layers.0.mixer", [0, 1])])  # both from the first group
+    assert_mixer2_heads(net.backbone.layers[0].mixer, HEADS2)
+    cuts = surgeon.plan(0.5, get_scorer("l2"))
+    assert [(c.layer, len(c.channels)) for c in cuts] == [(f"backbone.layers.{i}.mixer", 4) for i in (0, 1)]
+    assert all(sum(1 for h in c.channels if h < 4) == 2 for c in cuts)
+
+
+@pytest.mark.slow
+def test_mamba2_fit_halves_every_mixer_and_resumes_and_reloads(tmp_path):
+    original = count_params(Wrapper("mamba2"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model, cb = fit(tmp_path, callbacks=[ckpt], kind="mamba2")
+    for mixer in mixers_of(model.net):
+        assert_mixer2_heads(mixer, HEADS2 // 2)
+    config = model.net.config
+    assert (config.num_heads, config.expand, config.hidden_size) == (HEADS2 // 2, 1, HIDDEN)  # the config follows
+    assert model.net.backbone.embeddings.embedding_dim == HIDDEN
+    assert count_params(model) <= 0.7 * original
+    assert all(math.isfinite(loss) for loss in model.losses)
+    assert_adam_state_follows(model)
+    first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    resumed, _ = fit(tmp_path / "resume", ckpt_path=str(first), kind="mamba2")
+    assert resumed.losses == pytest.approx(model.losses[len(model.losses) - len(resumed.losses):], rel=1e-4)
+    loaded = load_pruned(Wrapper, sorted((tmp_path / "ckpt").glob("epoch=2*.ckpt"))[0])
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())

@@ -54,6 +54,11 @@ def hf_model(kind: str) -> nn.Module:
         config = tf.MambaConfig(hidden_size=32, intermediate_size=64, state_size=8, num_hidden_layers=2,
                                 vocab_size=VOCAB, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         return tf.MambaForCausalLM(config)
+    if kind == "mamba2":  # SSD mixers cut in whole heads: 8 heads of 8 channels in 2 groups
+        config = tf.Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=8,
+                                 chunk_size=8, num_hidden_layers=2, vocab_size=VOCAB, use_cache=False, bos_token_id=0,
+                                 eos_token_id=0, pad_token_id=0)
+        return tf.Mamba2ForCausalLM(config)
     raise ValueError(kind)
 
 
@@ -188,7 +193,7 @@ def build(kind: str) -> nn.Module:
 
 
 IMAGE = {"vit", "vit_block", "mixer", "swin"}
-LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2", "mamba"}
+LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2", "mamba", "mamba2"}
 
 
 class Wrapper(pl.LightningModule):

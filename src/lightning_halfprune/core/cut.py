@@ -193,6 +193,25 @@ def _describe(spec: tuple) -> str:
     return name
 
 
+def _emptied(graph: tp.DependencyGraph, group: Any, asked: int) -> str:
+    """Which coupled layer a cut of ``asked`` channels would empty, and how torch-pruning's index mapping got there."""
+    names = tpc.module_names(graph)
+    for dep, idxs in group:
+        out = graph.is_out_channel_pruning_fn(dep.handler)
+        if not out and not graph.is_in_channel_pruning_fn(dep.handler):
+            continue
+        module = dep.target.module
+        width = graph.get_out_channels(module) if out else graph.get_in_channels(module)
+        if width is not None and width <= len(idxs):
+            name, side = names.get(module, type(module).__name__), "output" if out else "input"
+            how = "" if len(idxs) == len(set(idxs)) == asked else (
+                f" ({len(set(idxs))} distinct of {len(idxs)} indices for the {asked} asked: torch-pruning's index "
+                "mapping widens or folds the cut through a reshape or split it cannot follow)"
+            )
+            return f": {name!r}, {width} {side} channels, would lose {len(idxs)}{how}."
+    return "."
+
+
 def _sync_split_offsets(group: Any) -> None:
     """The offsets of every split the group went through, from its new sizes.
 
@@ -324,7 +343,9 @@ def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:
         module, graph.get_pruner_of_module(module).prune_out_channels, list(cut.channels)
     )
     if not graph.check_pruning_group(group):
-        raise SurgeryError(f"removing {len(cut.channels)} channels from {cut.layer!r} would empty a coupled layer.")
+        n = len(cut.channels)
+        where = _emptied(graph, group, n)
+        raise SurgeryError(f"removing {n} channels from {cut.layer!r} would empty a coupled layer{where}")
     widths = {dep.target.module: dep.target.module.embed_dim for dep, _ in group
               if isinstance(dep.target.module, nn.MultiheadAttention)}
     group.prune(record_history=False)

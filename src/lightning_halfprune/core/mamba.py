@@ -1,5 +1,7 @@
 """Mamba mixers (Hugging Face ``MambaMixer`` and any module shaped like it): their inner width is cut.
 
+Mamba-2 mixers are cut by whole heads instead (``mamba2.py``); this module finds both kinds and dispatches.
+
 A selective state-space mixer of inner width ``I`` (``intermediate_size``, the SSM channels) holds channel ``c`` in
 rows ``c`` and ``I + c`` of ``in_proj`` (the input ``x`` and the gate ``z``, split by ``chunk``), the depthwise
 ``conv1d``'s filter and bias ``c``, column ``c`` of ``x_proj`` (``I -> dt_rank + 2 * state``), row and bias ``c`` of
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_halfprune.core import log
+from lightning_halfprune.core import log, mamba2
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup
 
@@ -36,9 +38,19 @@ _WARNED: set[int] = set()  # configs already told their mixers' widths differ
 
 
 def width(module: nn.Module) -> int | None:
-    """The inner width of a Mamba mixer, None for any other module."""
+    """What a cut of a Mamba mixer removes from: its inner width, or its heads (Mamba-2); None for other modules."""
     if not isinstance(module, nn.Module):
         return None
+    return _inner(module) or mamba2.heads(module)
+
+
+def in_heads(module: nn.Module) -> bool:
+    """True for a Mamba-2 mixer, cut in whole heads."""
+    return mamba2.heads(module) is not None
+
+
+def _inner(module: nn.Module) -> int | None:
+    """The inner width of a Mamba (1) mixer, None for any other module."""
     a_log, d = module._parameters.get("A_log"), module._parameters.get("D")
     children = [module._modules.get(n) for n in _LAYERS]
     if not isinstance(a_log, torch.Tensor) or not isinstance(d, torch.Tensor) or a_log.dim() != 2 or d.dim() != 1:
@@ -71,12 +83,12 @@ class Mixer:
 
     @property
     def width(self) -> int:
-        return self.module.D.shape[0]
+        return self.module.D.shape[0]  # one entry per inner channel (Mamba) or per head (Mamba-2)
 
     @property
     def layers(self) -> list[nn.Module]:
-        """Its projections and convolution."""
-        return [self.module._modules[n] for n in _LAYERS]
+        """Its projections and convolution (and a Mamba-2 mixer's gated norm), ``out_proj`` last."""
+        return [self.module._modules[n] for n in (mamba2.LAYERS if in_heads(self.module) else _LAYERS)]
 
 
 class MixerGroup:
@@ -120,8 +132,12 @@ def magnitudes(mixer: nn.Module) -> torch.Tensor:
 
 
 def plan_cuts(g: ChannelGroup, keep: int) -> list[tuple[str, list[int]]]:
-    """(mixer, channels) to cut so the mixer keeps ``keep`` channels (the planner's rounding and floors)."""
-    drop = torch.argsort(magnitudes(g.group.mixer.module), stable=True)[: g.group.mixer.width - keep]
+    """(mixer, channels or heads) to cut so the mixer keeps ``keep`` of them (the planner's rounding and floors)."""
+    module = g.group.mixer.module
+    if in_heads(module):
+        drop = mamba2.plan(module, keep)
+    else:
+        drop = torch.argsort(magnitudes(module), stable=True)[: g.group.mixer.width - keep].tolist()
     return [(g.name, sorted(int(c) for c in drop))] if len(drop) else []
 
 
@@ -132,7 +148,10 @@ def owns(module: nn.Module) -> bool:
 
 
 def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
-    """Remove inner ``channels`` from the mixer ``module`` in every tensor that holds them; slices are recorded."""
+    """Remove inner ``channels`` (Mamba-2: heads) from the mixer in every tensor that holds them; slices recorded."""
+    if in_heads(module):
+        mamba2.prune(module, channels, name, _replace)
+        return
     inner = width(module)
     drop = {int(c) for c in channels}
     if len(drop) != len(channels) or any(not 0 <= c < inner for c in drop) or len(drop) >= inner:
@@ -176,16 +195,25 @@ def _replace(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> Non
 # ------------------------------------------------------------------ configs
 def sync_config(config: Any, owner: nn.Module) -> None:
     """The mixers' inner width into a Hugging Face config (``intermediate_size``) where they all agree."""
-    widths = {m.width for m in find_mixers(owner) if getattr(m.module, "config", config) is config}
+    mixers = [m for m in find_mixers(owner) if getattr(m.module, "config", config) is config]
+    second = [m.module for m in mixers if in_heads(m.module)]
+    if second:
+        _warn_once(config, mamba2.sync_config(config, second))
+        return
+    widths = {m.width for m in mixers}
     if not widths or not isinstance(getattr(config, "intermediate_size", None), int):
         return
     if len(widths) == 1:
         config.intermediate_size = widths.pop()
-    elif id(config) not in _WARNED:
+    else:
+        _warn_once(config, f"the Mamba mixers ended with different inner widths ({sorted(widths)}): "
+                           "`config.intermediate_size` cannot say them")
+
+
+def _warn_once(config: Any, why: str | None) -> None:
+    if why is not None and id(config) not in _WARNED:
         _WARNED.add(id(config))
         log.warn(
-            f"the Mamba mixers ended with different inner widths ({sorted(widths)}): `config.intermediate_size` "
-            "cannot describe them and keeps its value; reload the pruned model with `load_pruned`, not "
-            "`from_pretrained`.",
-            stacklevel=4,
+            f"{why}; the config keeps its value. Reload the pruned model with `load_pruned`, not `from_pretrained`.",
+            stacklevel=5,
         )

@@ -125,7 +125,8 @@ class Planner:
                 cuts.extend(Cut(*cut) for cut in moe.plan_cuts(g, *args))
                 continue
             if isinstance(g.group, mamba.MixerGroup):  # a Mamba mixer's inner width, always to the ratio
-                cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, self._kept(g, ratio)))
+                keep = self._kept_heads(g, ratio) if mamba.in_heads(g.group.mixer.module) else self._kept(g, ratio)
+                cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, keep))
                 continue
             if g.attention is not None:  # globally: ranked with everything else, a key/value group at a time
                 heads.append((g, _check_scores(g, _score_or_magnitude(g, score))))
@@ -221,6 +222,10 @@ class Planner:
     def _kept(self, g: ChannelGroup, ratio: float) -> int:
         """Channels group ``g`` keeps at cumulative ``ratio`` of its original width (rounding and floors)."""
         return self._fit(g, int(math.floor(self.original_widths[g.name] * (1 - ratio) + 0.5)))
+
+    def _kept_heads(self, g: ChannelGroup, ratio: float) -> int:
+        """Whole heads group ``g`` keeps at cumulative ``ratio``: floors, never ``round_to`` (a channel count)."""
+        return min(g.width, max(int(math.floor(self.original_widths[g.name] * (1 - ratio) + 0.5)), self._floor(g)))
 
     def _local_keep(self, scored: list, ratio: float) -> dict[str, int]:
         return {g.name: self._kept(g, ratio) for g, _ in scored}
