@@ -271,6 +271,49 @@ def test_heads_named_heads_and_a_width_named_dim_out_are_cut_and_follow():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+class RelPosBias(nn.Module):
+    """timm's `RelPosBias`: a table viewed as `bias_shape`, whose last entry is the head count."""
+
+    def __init__(self, tokens: int, heads: int) -> None:
+        super().__init__()
+        self.bias_shape = (tokens, tokens, heads)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, heads))
+
+    def get_bias(self):
+        return self.relative_position_bias_table.view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
+
+
+class HeadFirstAttention(nn.Module):
+    """timm MaxViT's `AttentionCl` (`head_first=True`): qkv viewed as [head][q, k, v][head dim]."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = heads, dim // heads, True
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_pos = RelPosBias(tokens, heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q, k, v = self.qkv(x).view(b, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos.get_bias())
+        return self.proj(x.transpose(1, 2).reshape(b, -1, self.num_heads * self.dim_head))
+
+
+def test_head_first_qkv_and_a_bias_shape_follow_the_heads():
+    """Heads of a `head_first` module are its interleaved rows, and the bias table's view shape follows the cut."""
+    torch.manual_seed(0)
+    net, x = nn.Sequential(HeadFirstAttention(), nn.Linear(16, 3)).eval(), torch.randn(2, 5, 16)
+    assert attn.find_attention(net)[0].layout == layouts.GROUPED
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    assert net[0].num_heads == 2 and net[0].rel_pos.bias_shape == (5, 5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
     """Hugging Face Swin (5.x) keeps its relative position bias table in a `relative_position_bias` child."""
     import transformers as tf

@@ -223,8 +223,9 @@ def test_a_cut_that_changes_the_output_shape_is_refused():
 # ------------------------------------------------------------------------------------ pre-flight at train start
 def test_would_empty_a_coupled_layer_is_caught_at_train_start(tmp_path):
     model = Classifier(Unflatten())
-    # the layer and how: fc's 16 outputs viewed as 4 channels of 2x2, so the 8 asked widen to all 16
-    emptied = r"empty a coupled layer: 'net.fc', 16 output channels, would lose 16 \(16 distinct of 16 indices for the"
+    # the layer and how: fc's 16 outputs are viewed as 4 channels of 2x2, so the 8 asked widen (fc) or fold (conv)
+    layer = r"'net\.(fc|conv)', \d+ (output|input) channels, would lose \d+"
+    emptied = rf"empty a coupled layer: {layer} \(\d+ distinct of \d+ indices for the 8 asked"
     with pytest.warns(PreflightWarning, match=rf"(?s)before training.*'net.fc'.*{emptied}"):
         fit(tmp_path, model, HalfPrune({0: 0.3, 1: 0.5}), max_epochs=2)
     assert model.net.fc.out_features == 16 and model.net.conv.out_channels == 4

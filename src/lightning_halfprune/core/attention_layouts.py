@@ -7,7 +7,8 @@ then all key rows, then all value rows. The real (*physical*) order depends on t
   multi-query: all query heads, then the one key head, then the one value head).
 * ``"grouped"``: per key/value group, its query heads, then its key head, then its value head (Falcon's
   ``new_decoder_architecture``). With one query head per key/value head this is the per-head interleaved layout of
-  GPT-NeoX, Bloom and the older Falcon (``[head][q, k, v][head_dim]``).
+  GPT-NeoX, Bloom, the older Falcon and timm's MaxViT/CoAtNet with ``head_first=True``
+  (``[head][q, k, v][head_dim]``).
 * ``"sharded"``: CodeGen's ``qkv_proj``, ``mp_num`` equal shards (the model-parallel blocks it was trained in), each
   ``[q | v | k]`` of its own consecutive heads (note v before k). Its forward views the output as ``mp_num`` shards of
   ``3 * embed_dim / mp_num`` rows, so every shard must keep the same number of heads: a cut removes whole *units*,
@@ -68,7 +69,7 @@ def fused_layout(module: nn.Module, heads: int, kv: int) -> tuple[str | None, st
         if module.new_decoder_architecture:
             return GROUPED, None
         return (BLOCKED, None) if module.multi_query else (GROUPED, None)
-    if cls in _INTERLEAVED:
+    if cls in _INTERLEAVED or getattr(module, "head_first", None) is True:  # timm MaxViT: [head][q, k, v][dim]
         return (GROUPED, None) if kv == heads else (None, f"{cls} interleaves q, k and v per head but has GQA{_GUESS}")
     return BLOCKED, None
 

@@ -7,7 +7,8 @@ them here, with the same heads and head-dim offsets it removes from the projecti
   vector or tensor with one entry per head (per-head gates, temperatures), per-channel q/k/v biases (BEiT's
   ``q_bias``/``v_bias`` parameters and its zero ``k_bias`` buffer, one entry per query or key/value channel); the
   same in a leaf child without a ``weight`` (Hugging Face Swin 5.x keeps its table in a ``relative_position_bias``
-  child); an embedding with one column per head (T5's ``relative_attention_bias``, cut with its tie's heads);
+  child, with a shape attribute ending in the head count, as timm's ``RelPosBias.bias_shape``); an embedding with one
+  column per head (T5's ``relative_attention_bias``, cut with its tie's heads);
 * its normalisation children (q/k norms): per-head-dim norms are sliced only when head dims go; per-channel norms
   over all heads (OLMo-2) and ``(heads, head_dim)`` norms (Cohere) lose the removed heads;
 * extra per-head projections (DeBERTa-v2's ``pos_query_proj``/``pos_key_proj``);
@@ -88,6 +89,9 @@ def _own_params(module: nn.Module, heads: int, widths: tuple[int, int], head_kee
             setattr(module, pname, _slice(param, q_keep, 0))
         elif param.dim() == 1 and pname.startswith(("k_", "v_")) and param.shape[0] == kv_width:  # BEiT's v_bias
             setattr(module, pname, _slice(param, kv_keep, 0))
+    for aname, value in list(vars(module).items()):  # timm's RelPosBias views its table as `bias_shape`
+        if heads_cut and aname.endswith("shape") and isinstance(value, tuple) and value and value[-1] == heads:
+            setattr(module, aname, (*value[:-1], len(head_keep)))
     for bname, buf in list(module._buffers.items()):  # BEiT's k_bias: a zero buffer concatenated with the biases
         if buf is None or buf.dim() != 1:
             continue
