@@ -154,7 +154,7 @@ def _width(module):
     from torch import nn
 
     from lightning_halfprune.core import residual
-    from lightning_halfprune.core.layers import out_width
+    from lightning_halfprune.core.attention import out_width
 
     if module is None:
         return None

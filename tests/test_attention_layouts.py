@@ -314,6 +314,35 @@ def test_head_first_qkv_and_a_bias_shape_follow_the_heads():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+class ConvAttention(nn.Module):
+    """timm CoAtNet's `Attention2d`: 1x1-conv projections over (B, C, H, W), heads first in `qkv`."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = heads, dim // heads, True
+        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
+        a = (q.transpose(-2, -1) @ k * self.dim_head**-0.5).softmax(-1)
+        return self.proj((v @ a.transpose(-2, -1)).view(b, -1, h, w))
+
+
+def test_attention_with_pointwise_conv_projections_loses_whole_heads():
+    torch.manual_seed(0)
+    net = nn.Sequential(ConvAttention(), nn.Conv2d(16, 3, 1)).eval()
+    x = torch.randn(2, 16, 3, 3)
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    assert net[0].num_heads == 2 and net[0].qkv.weight.shape == (24, 16, 1, 1) and net[0].proj.in_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
     """Hugging Face Swin (5.x) keeps its relative position bias table in a `relative_position_bias` child."""
     import transformers as tf

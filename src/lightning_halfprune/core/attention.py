@@ -40,7 +40,6 @@ from torch_pruning.pruner import function as tp_function
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention_layouts as layouts
 from lightning_halfprune.core import head_params, layers
-from lightning_halfprune.core.layers import in_width, out_width
 
 AttentionMode = Literal["heads", "head_dim", "both", "none", "heads_last"]
 ATTENTION_MODES = ("heads", "head_dim", "both", "none", "heads_last")
@@ -54,6 +53,21 @@ _OUTPUT = ("o_proj", "out_proj", "out_lin", "c_proj", "proj", "o", "dense", "Wo"
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "d_head", "head_size", "key_value_proj_dim")
+
+
+def _pointwise(layer: nn.Module) -> bool:
+    """A 1x1 convolution over channels (timm CoAtNet's ``Attention2d`` projections): a linear layer per pixel."""
+    return type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.groups == 1
+
+
+def out_width(layer: nn.Module) -> int | None:
+    """Output features of a projection: linear-like layers and 1x1 convolutions."""
+    return layer.out_channels if _pointwise(layer) else layers.out_width(layer)
+
+
+def in_width(layer: nn.Module) -> int | None:
+    """Input features of a projection: linear-like layers and 1x1 convolutions."""
+    return layer.in_channels if _pointwise(layer) else layers.in_width(layer)
 
 
 class AttentionError(RuntimeError):
@@ -277,6 +291,8 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
         fn = pruner.prune_out_channels if out else pruner.prune_in_channels
         if isinstance(layer, nn.Linear):
             fn = tp_function.prune_linear_out_channels if out else tp_function.prune_linear_in_channels
+        elif _pointwise(layer):
+            fn = tp_function.prune_conv_out_channels if out else tp_function.prune_conv_in_channels
         node = graph.module2node.get(layer)
         if node is None:  # called functionally (BEiT's `F.linear(x, qkv.weight, bias)`): a node of its own
             node = tp.dependency.Node(layer, None, tpc.module_names(graph).get(layer, type(layer).__name__))

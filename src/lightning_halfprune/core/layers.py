@@ -55,6 +55,7 @@ class Conv1DPruner(tp_function.BasePruningFunc):
 
 
 LINEAR = tp_function.LinearPruner()
+CONV = tp_function.ConvPruner()
 CONV1D = Conv1DPruner()
 LORA_LINEAR = lora.LoraLinearPruner(lambda base: pruner(base))
 
@@ -70,9 +71,11 @@ def customized_pruners(model: nn.Module | None = None) -> dict[type, Any]:
 
 
 def pruner(layer: nn.Module) -> Any:
-    """The pruner of a linear-like layer."""
+    """The pruner of a linear-like layer (a 1x1 convolution too: CoAtNet's attention projections)."""
     if isinstance(layer, nn.Linear):
         return LINEAR
+    if isinstance(layer, nn.Conv2d):
+        return CONV
     if lora.is_lora_linear(layer):
         return LORA_LINEAR
     return CONV1D

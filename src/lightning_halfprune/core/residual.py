@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from lightning_halfprune.core.layers import out_width
+from lightning_halfprune.core.attention import out_width  # 1x1-conv projections too (CoAtNet)
 
 _HIDDEN = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim")
 _NOT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)

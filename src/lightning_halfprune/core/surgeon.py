@@ -187,7 +187,7 @@ class Surgeon:
                 if s.uncut is not None:  # an ambiguous fused layout: its projections are not roots either
                     warnings.warn(attention_layouts.ambiguous_message(s), stacklevel=2)
                     continue
-                found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), layers.out_width(s.root), 1, s))
+                found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), attn.out_width(s.root), 1, s))
         run = lambda: checked_forward(self.model, self.example_input)  # noqa: E731 - ranks experts by routing
         found += moe.channel_groups(self.model, experts, ignored, self.moe_mode, run)
         found += mamba.channel_groups(mixers, ignored)
