@@ -120,3 +120,15 @@ def test_group_lasso_regularisation_shrinks_the_channels_before_the_cut(tmp_path
         trainer(tmp_path, max_epochs=3, callbacks=[HalfPrune({2: 0.5}, regularization=strength)]).fit(model, *loaders())
         norms.append(model.net.features[0].weight.norm().item())
     assert norms[1] < 0.8 * norms[0]
+
+
+def test_groups_a_scorer_cannot_score_are_named_not_skipped_silently():
+    """`bn_scale` reads BatchNorm scales: the MLP's hidden group has none, so it stays uncut, and HalfPrune says so."""
+    from lightning_halfprune.core.scoring import get_scorer
+
+    conv = (nn.Conv1d(1, 8, 3), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten())
+    model = nn.Sequential(*conv, nn.Linear(8 * 6, 16), nn.ReLU(), nn.Linear(16, 2))
+    surgeon = Surgeon(model, torch.randn(2, 1, 8))
+    with pytest.warns(UserWarning, match=r"no scores for 1 coupled group\(s\), so they are not cut: '4'"):
+        cuts = surgeon.plan(0.5, get_scorer("bn_scale"))
+    assert [c.layer for c in cuts] == ["0"]

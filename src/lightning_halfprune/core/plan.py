@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import allocation, layers, mamba, moe
+from lightning_halfprune.core import allocation, layers, log, mamba, moe
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core import attention_layouts as layouts
 from lightning_halfprune.core.errors import SurgeryError
@@ -84,6 +83,15 @@ def _per_slot(g: ChannelGroup, scores: torch.Tensor | None) -> torch.Tensor | No
     return scores.view(g.slots, -1).mean(0)
 
 
+def _unscored_message(score: Any, names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"HalfPrune's scorer ({type(score).__name__}) gives no scores for {len(names)} coupled group(s), so they are "
+        f"not cut: {shown}. A scorer that reads only some layers (bn_scale: groups with a BatchNorm) leaves the others "
+        "alone; `scorer='l2'` scores every group."
+    )
+
+
 def _partial_tie_message(members: list, size: int) -> str:
     names = [g.attention.name for g, _ in members]
     return (
@@ -115,7 +123,7 @@ class Planner:
         """Which channels to remove to reach cumulative ``ratio``; raises before anything is cut if scores are bad."""
         if self.attention == "heads_last":
             return self.allocations(groups, ratio, score)[0]
-        scored, heads = [], []
+        scored, heads, unscored = [], [], []
         cuts = []
         for g in groups:
             if g.name not in self.original_widths:
@@ -128,12 +136,15 @@ class Planner:
                 keep = self._kept_heads(g, ratio) if mamba.in_heads(g.group.mixer.module) else self._kept(g, ratio)
                 cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, keep))
                 continue
-            if g.attention is not None:  # globally: ranked with everything else, a key/value group at a time
-                heads.append((g, _check_scores(g, _score_or_magnitude(g, score))))
-                continue
-            scores = _per_slot(g, _check_scores(g, _score_or_magnitude(g, score)))
-            if scores is not None:
-                scored.append((g, scores))
+            scores = _check_scores(g, _score_or_magnitude(g, score))
+            if scores is None:
+                unscored.append(g.name)
+            elif g.attention is not None:  # globally: ranked with everything else, a key/value group at a time
+                heads.append((g, scores))
+            else:
+                scored.append((g, _per_slot(g, scores)))
+        if unscored:
+            log.warn(_unscored_message(score, unscored), stacklevel=3)
         if self.global_pruning:
             keep, head_keep = self._global_keep(scored, ratio, heads)
         else:
@@ -177,7 +188,7 @@ class Planner:
             elif len(members) < g.attention.tie_size or not layouts.same_heads([m.attention for m, _ in members]):
                 mode = "head_dim" if self.attention in ("heads", "both") else self.attention
                 if g is members[0][0]:
-                    warnings.warn(_partial_tie_message(members, g.attention.tie_size), stacklevel=2)
+                    log.warn(_partial_tie_message(members, g.attention.tie_size), stacklevel=3)
                 cuts.extend(self._plan_attention(g, ratio, scores, head_keep.get(g.name), mode))
             elif g is members[0][0]:
                 cuts.extend(self._plan_tie(members, ratio, head_keep))

@@ -60,6 +60,16 @@ class CalibratedScorer:
         raise NotImplementedError
 
 
+class PlainView:
+    """A torch-pruning importance that reads every group through ``pruners.plain_view`` (NF-Nets' std convs)."""
+
+    def __init__(self, importance: Callable[[Any], torch.Tensor | None]) -> None:
+        self.importance = importance
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        return self.importance(pruners.plain_view(group))
+
+
 class RandomScorer:
     """Uniform random scores: the control every benchmark needs. Seeded, so every DDP rank draws the same."""
 
@@ -285,8 +295,8 @@ def _inputs_of(batch: Any) -> Any:
 SCORERS: dict[str, Callable[[], Scorer]] = {
     "l1": lambda: MagnitudeScorer(p=1),
     "l2": lambda: MagnitudeScorer(p=2),
-    "bn_scale": lambda: tp.importance.BNScaleImportance(),
-    "fpgm": lambda: tp.importance.FPGMImportance(),
+    "bn_scale": lambda: PlainView(tp.importance.BNScaleImportance()),
+    "fpgm": lambda: PlainView(tp.importance.FPGMImportance()),
     "taylor": TaylorScorer,
     "activation": ActivationScorer,
     "redundancy": RedundancyScorer,
