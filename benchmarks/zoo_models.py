@@ -167,6 +167,10 @@ MODELS = {
     "hf_mamba2": _hf("Mamba2ForCausalLM", "Mamba2Config", "lm", hidden_size=64, num_hidden_layers=6, vocab_size=VOCAB,
                      num_heads=8, head_dim=16, expand=2, n_groups=1, state_size=8, chunk_size=8, use_cache=False,
                      tie_word_embeddings=True, **TOKENS),
+    # a Mamba-2 + attention hybrid (IBM Bamba, the layout of Granite-4 and NemotronH): every MLP, one attention layer
+    "hf_bamba": _hf("BambaForCausalLM", "BambaConfig", "lm", **REAL_LM, mamba_n_heads=8, mamba_d_head=16,
+                    mamba_n_groups=1, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=8, attn_layer_indices=[2],
+                    **TOKENS),
     # ---- encoders
     "hf_roberta": _hf("RobertaForSequenceClassification", "RobertaConfig", "text", **CLS, pad_token_id=1),
     "hf_distilbert": _hf("DistilBertForSequenceClassification", "DistilBertConfig", "text", dim=64, n_layers=4,

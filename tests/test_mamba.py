@@ -219,3 +219,24 @@ def test_mamba2_fit_halves_every_mixer_and_resumes_and_reloads(tmp_path):
     assert resumed.losses == pytest.approx(model.losses[len(model.losses) - len(resumed.losses):], rel=1e-4)
     loaded = load_pruned(Wrapper, sorted((tmp_path / "ckpt").glob("epoch=2*.ckpt"))[0])
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_a_hybrid_of_mamba2_and_attention_loses_heads_in_both_and_its_config_follows():
+    """Bamba (IBM's Mamba-2 + attention hybrid, like Granite-4 and NemotronH): mixers and attention both lose heads."""
+    import transformers as tf
+
+    from lightning_halfprune.core import attention as attn
+
+    config = tf.BambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, mamba_n_heads=8, mamba_d_head=8,
+                            mamba_n_groups=1, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=8,
+                            attn_layer_indices=[1], use_cache=False)
+    torch.manual_seed(0)
+    net = tf.BambaForCausalLM(config).eval()
+    x = torch.randint(0, 64, (2, 8))
+    surgeon = Surgeon(net, (x,))
+    surgeon.cut(surgeon.plan(0.5, get_scorer("l2")))
+    assert net.model.layers[0].mamba.num_heads == 4 and net.model.layers[0].mamba.out_proj.in_features == 32
+    assert [s.num_heads for s in attn.find_attention(net)] == [2]
+    assert (net.config.mamba_n_heads, net.config.mamba_expand, net.config.num_attention_heads) == (4, 1, 2)
+    assert net.config.hidden_size == 32 and net(x).logits.shape == (2, 8, 64)

@@ -114,25 +114,36 @@ def prune(module: nn.Module, removed: Sequence[int], name: str, replace: Callabl
     module.num_heads, module.intermediate_size, module.conv_dim = len(kept_heads), new_inner, len(conv_keep)
 
 
+_FIELDS = (("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("num_heads", "head_dim", "expand"))  # hybrids first
+
+
 def sync_config(config: object, mixers: Sequence[nn.Module]) -> str | None:
-    """``num_heads`` (and ``expand``, which sets the inner width) into a config; why not, if it cannot say them."""
+    """The head count (and ``expand``, which sets the inner width) into a config; why not, if it cannot say them.
+
+    Mamba-2 configs name them ``num_heads``/``head_dim``/``expand``; hybrids with attention (Bamba, Granite-4)
+    ``mamba_n_heads``/``mamba_d_head``/``mamba_expand``, their ``num_heads`` being the attention's.
+    """
     counts = sorted({heads(m) for m in mixers})
     if len(counts) != 1:
-        return f"the Mamba-2 mixers ended with different head counts ({counts}): `config.num_heads` cannot say them"
+        return f"the Mamba-2 mixers ended with different head counts ({counts}): the config cannot say them"
     count = counts[0]
-    if isinstance(getattr(config, "num_heads", None), int):
-        config.num_heads = count
-    hidden, head_dim = getattr(config, "hidden_size", None), getattr(config, "head_dim", None)
-    expand = getattr(config, "expand", None)
+    names = next((f for f in _FIELDS if isinstance(getattr(config, f[0], None), int)), None)
+    if names is None:
+        return None
+    heads_field, dim_field, expand_field = names
+    setattr(config, heads_field, count)
+    hidden, head_dim = getattr(config, "hidden_size", None), getattr(config, dim_field, None)
+    expand = getattr(config, expand_field, None)
     if isinstance(expand, (int, float)) and isinstance(hidden, int) and isinstance(head_dim, int):
         inner = count * head_dim  # the config computes it as int(expand * hidden_size)
         if inner % hidden == 0:
-            config.expand = type(expand)(inner // hidden)
+            setattr(config, expand_field, type(expand)(inner // hidden))
         elif isinstance(expand, float):
-            config.expand = inner / hidden if int(inner / hidden * hidden) == inner else (inner + 0.5) / hidden
+            exact = int(inner / hidden * hidden) == inner
+            setattr(config, expand_field, inner / hidden if exact else (inner + 0.5) / hidden)
         else:
             return (
-                f"the Mamba-2 mixers' inner width is now {inner}, which the config's integer `expand` (x hidden size "
-                f"{hidden}) cannot say; `config.num_heads` is {count}"
+                f"the Mamba-2 mixers' inner width is now {inner}, which the config's integer `{expand_field}` (x "
+                f"hidden size {hidden}) cannot say; `{heads_field}` is {count}"
             )
     return None
