@@ -141,7 +141,7 @@ def _why_kept(spec, left_out: dict, caught: list[str]) -> str | None:
     for key in (spec.root_name, spec.name):
         if key in left_out:
             said = left_out[key]
-            hint = said.find("its forward reshapes")  # the reason in words, not torch's reshape message
+            hint = said.find("its forward ")  # the reason in words, not torch's reshape message
             return f"left out at pre-flight: {said[hint:].split(':')[0] if hint >= 0 else said[:100]}"
     if spec.units <= 1:
         return "one head (or key/value group), which a module always keeps"

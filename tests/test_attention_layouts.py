@@ -343,6 +343,29 @@ def test_attention_with_pointwise_conv_projections_loses_whole_heads():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+class HeadDimFromInput(nn.Module):
+    """timm CaiT / XCiT: the heads of `qkv` are `C // num_heads` wide, `C` read from the input."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_attention_deriving_its_head_dim_from_its_input_width_is_named_as_the_reason():
+    net, x = nn.Sequential(HeadDimFromInput(), nn.Linear(16, 3)).eval(), torch.randn(2, 5, 16)
+    surgeon = Surgeon(net, x)
+    with pytest.raises(SurgeryError, match=r"derives its head dim from its input width \(16 // num_heads\)"):
+        surgeon.cut(_attention_cuts(surgeon))
+    assert net[0].num_heads == 4 and net(x).shape == (2, 5, 3)
+
+
 def test_hf_swin_bias_table_in_a_child_travels_with_its_heads():
     """Hugging Face Swin (5.x) keeps its relative position bias table in a `relative_position_bias` child."""
     import transformers as tf

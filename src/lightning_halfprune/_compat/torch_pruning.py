@@ -103,16 +103,6 @@ class _SavedSizes:
 
 
 # ------------------------------------------------------------------ group search (core/group_search.py, issue 22)
-MAPPING_UPDATES = {  # node type -> torch-pruning's function that (re)builds that node's index mapping
-    ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
-    ops.OPTYPE.SPLIT: lambda graph, node: update_split_index_mapping(graph, node),
-    ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
-    ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
-    ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
-    ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping,
-}
-
-
 def update_split_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
     """torch-pruning's split mapping, also for a split along the last dim of a ``(batch, tokens, channels)`` tensor.
 
@@ -142,6 +132,16 @@ def update_split_index_mapping(graph: tp.DependencyGraph, node: Any) -> None:
         index_mapping.update_split_index_mapping(graph, node)
     finally:
         node.grad_fn = grad_fn
+
+
+MAPPING_UPDATES = {  # node type -> torch-pruning's function that (re)builds that node's index mapping
+    ops.OPTYPE.CONCAT: index_mapping.update_concat_index_mapping,
+    ops.OPTYPE.SPLIT: update_split_index_mapping,
+    ops.OPTYPE.RESHAPE: index_mapping.update_reshape_index_mapping,
+    ops.OPTYPE.UNBIND: index_mapping.update_unbind_index_mapping,
+    ops.OPTYPE.EXPAND: index_mapping.update_expand_index_mapping,
+    ops.OPTYPE.SLICE: index_mapping.update_slice_index_mapping,
+}
 
 
 @contextlib.contextmanager

@@ -259,20 +259,27 @@ _RESHAPE = re.compile(r"shape '\[([-\d, ]+)\]' is invalid for input")
 
 
 def input_width_hint(module: nn.Module, err: BaseException) -> str:
-    """Why cutting ``module``'s heads broke its forward, if it reshapes the heads' output to its input width.
+    """Why cutting ``module``'s heads broke its forward, if it shapes its heads from its input width.
 
-    timm's BEiT, EVA and PVT-v2 attentions end with ``x.reshape(B, N, C)``, ``C`` read from the input: the heads'
-    output must keep the input width, so no head (nor head dim) can go without changing their code.
+    timm's BEiT, EVA and PVT-v2 attentions end with ``x.reshape(B, N, C)``, ``C`` read from the input; CaiT and XCiT
+    split ``qkv`` into heads of ``C // num_heads``: either way the heads' width must stay the input width, so no head
+    (nor head dim) can go without changing their code.
     """
     match = _RESHAPE.search(str(err))
     names = {*_FUSED, *(trio[0] for trio in _SEPARATE)}
-    widths = {in_width(child) for name, child in module.named_children() if name in names}
-    if match is None or int(match.group(1).split(",")[-1]) not in widths:
+    widths = {in_width(child) for name, child in module.named_children() if name in names} - {None}
+    if match is None or not widths:
         return ""
-    return (
-        f" (its forward reshapes the attention output to its input width, {int(match.group(1).split(',')[-1])}, "
-        "not to heads x head dim: its heads cannot be cut without changing its code; the rest of the model is)"
-    )
+    dims = [int(d) for d in match.group(1).split(",")]
+    heads = _int_attr([module], _HEADS)
+    per_head = {w // heads: w for w in widths if heads and w % heads == 0}
+    if dims[-1] in widths:
+        how = f"reshapes the attention output to its input width, {dims[-1]}, not to heads x head dim"
+    elif dims[-1] in per_head:
+        how = f"derives its head dim from its input width ({per_head[dims[-1]]} // num_heads)"
+    else:
+        return ""
+    return f" (its forward {how}: its heads cannot be cut without changing its code; the rest of the model is)"
 
 
 # ------------------------------------------------------------------ scoring
