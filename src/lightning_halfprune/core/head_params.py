@@ -54,7 +54,8 @@ def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_rem
         _own_params(spec.module, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
     skip = {id(m) for m in (spec.q, spec.k, spec.v, spec.qkv, spec.o, *(e for e, _ in spec.extras)) if m is not None}
     for cname, child in spec.module.named_children():
-        if heads and isinstance(child, nn.Embedding) and child.embedding_dim == h:  # T5's relative_attention_bias
+        if heads and isinstance(child, nn.Embedding) and child.embedding_dim == h != d:  # T5's relative_attention_bias
+            # (not BERT's `distance_embedding`, one column per head-dim offset)
             child.weight = _slice(child.weight, head_keep, 1)
             child.embedding_dim = len(head_keep)
         elif id(child) not in skip and not any(True for _ in child.children()):
