@@ -206,6 +206,15 @@ MODELS = {
     "timm_ghostnet_100": _timm("ghostnet_100", 32),
     "timm_rexnet_100": _timm("rexnet_100", 32),
     "timm_repvgg_a0": _timm("repvgg_a0", 32),
+    # ---- fourth session: popular families not tried yet
+    "hf_swinv2": _hf("Swinv2ForImageClassification", "Swinv2Config", "hf_image", 64, image_size=64, patch_size=4,
+                     embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=CLASSES),
+    "timm_swinv2_tiny": _timm("swinv2_tiny_window8_256", 64, img_size=64, window_size=4),  # per-head logit scale, cpb
+    "timm_convnextv2_atto": _timm("convnextv2_atto", 32),  # GRN: per-channel gamma/beta
+    "timm_dinov2_small": _timm("vit_small_patch14_dinov2", 56, img_size=56),  # LayerScale
+    "timm_efficientformerv2_s0": _timm("efficientformerv2_s0", 64, img_size=64),
+    "timm_fastvit_t8": _timm("fastvit_t8", 64),
+    "timm_regnety_002": _timm("regnety_002", 32),  # squeeze-excitation
     # ---- torchvision
     "tv_googlenet_aux": _tv("googlenet", 64, aux_logits=True, init_weights=True),
     "tv_inception_v3": _tv("inception_v3", 75, aux_logits=False, init_weights=True),  # aux logits need 299 px

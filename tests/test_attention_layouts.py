@@ -422,6 +422,28 @@ def test_a_tie_with_a_module_left_out_keeps_every_head():
         assert torch.isfinite(model(x)).all()
 
 
+def test_hf_swinv2_continuous_position_bias_mlp_travels_with_its_heads():
+    """Swin-v2 computes its per-head bias with an MLP (`continuous_position_bias_mlp`, last layer one output per head)
+    and views it with the head count: left uncut, the kept heads silently read other heads' biases (the forward ran,
+    4e-4 away from the model without those heads)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                             window_size=4, num_labels=3)
+    net, x = tf.Swinv2ForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+    surgeon = Surgeon(net, x)
+    cuts = _attention_cuts(surgeon)
+    reference = head_check.without_heads(net, cuts)
+    surgeon.cut(cuts)
+    for layer, heads in zip(net.swinv2.encoder.layers, (2, 4), strict=True):
+        a = layer.blocks[0].attention.self
+        assert a.num_attention_heads == heads // 2 and a.continuous_position_bias_mlp[-1].out_features == heads // 2
+        assert a.logit_scale.shape[0] == heads // 2
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_albert_layer_norm_inside_the_attention_module_keeps_its_width():
     """ALBERT's attention module holds the residual stream's LayerNorm (width = heads x head_dim): not a q norm."""
     import transformers as tf

@@ -8,7 +8,8 @@ them here, with the same heads and head-dim offsets it removes from the projecti
   ``q_bias``/``v_bias`` parameters and its zero ``k_bias`` buffer, one entry per query or key/value channel); the
   same in a leaf child without a ``weight`` (Hugging Face Swin 5.x keeps its table in a ``relative_position_bias``
   child, with a shape attribute ending in the head count, as timm's ``RelPosBias.bias_shape``); an embedding with one
-  column per head (T5's ``relative_attention_bias``, cut with its tie's heads);
+  column per head (T5's ``relative_attention_bias``, cut with its tie's heads); a small MLP whose last linear layer
+  gives one value per head (Swin-v2's continuous position bias, ``cpb_mlp``);
 * its normalisation children (q/k norms): per-head-dim norms are sliced only when head dims go; per-channel norms
   over all heads (OLMo-2) and ``(heads, head_dim)`` norms (Cohere) lose the removed heads;
 * extra per-head projections (DeBERTa-v2's ``pos_query_proj``/``pos_key_proj``);
@@ -58,6 +59,8 @@ def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_rem
             # (not BERT's `distance_embedding`, one column per head-dim offset)
             child.weight = _slice(child.weight, head_keep, 1)
             child.embedding_dim = len(head_keep)
+        elif heads and (last := _bias_mlp_output(child, h, d)) is not None:  # Swin-v2's continuous position bias
+            layers.pruner(last).prune_out_channels(last, list(heads))
         elif id(child) not in skip and not any(True for _ in child.children()):
             qk = cname.lower().startswith(("q", "k"))  # q_norm/k_norm, not ALBERT's LayerNorm after the output
             _norm(child, h, d, kv, head_keep, dim_keep, q_keep, kv_keep, bool(heads), bool(dims), qk)
@@ -65,6 +68,14 @@ def follow(spec: AttentionSpec, heads: Sequence[int], dims: Sequence[int], q_rem
                 _own_params(child, h, (h * d, kv * d), head_keep, q_keep, kv_keep, bool(heads))
     if heads and _uses_alibi(spec.module):
         _follow_alibi(spec.module, h, head_keep)
+
+
+def _bias_mlp_output(child: nn.Module, heads: int, head_dim: int) -> nn.Linear | None:
+    """The last layer of a small MLP child that outputs one value per head (Swin-v2's ``cpb_mlp``), else None."""
+    if not isinstance(child, nn.Sequential) or heads == head_dim:
+        return None
+    last = next((m for m in reversed(child) if isinstance(m, nn.Linear)), None)
+    return last if last is not None and last.out_features == heads and last is child[-1] else None
 
 
 def _kept(width: int, removed: Sequence[int]) -> list[int]:
