@@ -12,6 +12,13 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
+from attention_modules import (  # noqa: E402
+    BeitNet,
+    ConvAttention,
+    HeadDimFromInput,
+    HeadFirstAttention,
+    HieraAttention,
+)
 from layout_models import HEADS, KINDS, LayoutModule, example, loader  # noqa: E402
 from lightning_halfprune import HalfPrune, load_pruned  # noqa: E402
 from lightning_halfprune.core import attention as attn  # noqa: E402
@@ -179,45 +186,6 @@ def _head_rows(spec, head):
 
 
 # ------------------------------------------------------------------ per-head parameters of a module of our own
-class BeitAttention(nn.Module):
-    """BEiT-style: qkv without bias plus q/v biases, a relative position bias table and a gate, one per head."""
-
-    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 5) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
-        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # as timm's BEiT has it
-        self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, num_heads))
-        self.head_gate = nn.Parameter(torch.rand(num_heads) + 0.5)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
-        qkv = nn.functional.linear(x, self.qkv.weight, bias)
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        rel = self.relative_position_bias_table.view(n, n, -1).permute(2, 0, 1)
-        a = (q @ k.transpose(-2, -1) * self.head_dim**-0.5 + rel).softmax(-1) * self.head_gate.view(1, -1, 1, 1)
-        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1 if self.to_heads else c))
-
-
-class BeitNet(nn.Module):
-    def __init__(self, to_heads: bool = True) -> None:
-        super().__init__()
-        self.embed = nn.Linear(6, 32)
-        self.norm = nn.LayerNorm(32)
-        self.attn = BeitAttention()
-        self.attn.to_heads = to_heads  # False: timm's BEiT, the output reshaped to the input width
-        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.head = nn.Linear(32, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = h + self.attn(self.norm(h))
-        return self.head((h + self.mlp(h)).mean(1))
-
-
 def test_per_head_tables_biases_and_gates_travel_with_their_heads():
     torch.manual_seed(0)
     net, x = BeitNet().eval(), torch.randn(2, 5, 6)
@@ -243,22 +211,6 @@ def test_attention_reshaped_to_its_input_width_is_named_as_the_reason_heads_stay
     assert net.attn.num_heads == 4 and net(x).shape == (2, 3)
 
 
-class HieraAttention(nn.Module):
-    """timm Hiera's `MaskUnitAttention`: `heads` and `dim_out` (the heads' width, read by its final reshape)."""
-
-    def __init__(self, dim: int = 16, dim_out: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.dim_out, self.heads, self.head_dim = dim_out, heads, dim_out // heads
-        self.qkv = nn.Linear(dim, 3 * dim_out)
-        self.proj = nn.Linear(dim_out, dim_out)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, -1, self.dim_out))
-
-
 def test_heads_named_heads_and_a_width_named_dim_out_are_cut_and_follow():
     torch.manual_seed(0)
     net, x = nn.Sequential(HieraAttention(), nn.Linear(32, 3)).eval(), torch.randn(2, 5, 16)
@@ -269,35 +221,6 @@ def test_heads_named_heads_and_a_width_named_dim_out_are_cut_and_follow():
     assert (net[0].heads, net[0].dim_out, net[0].head_dim) == (2, 16, 8)
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
-
-
-class RelPosBias(nn.Module):
-    """timm's `RelPosBias`: a table viewed as `bias_shape`, whose last entry is the head count."""
-
-    def __init__(self, tokens: int, heads: int) -> None:
-        super().__init__()
-        self.bias_shape = (tokens, tokens, heads)
-        self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, heads))
-
-    def get_bias(self):
-        return self.relative_position_bias_table.view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
-
-
-class HeadFirstAttention(nn.Module):
-    """timm MaxViT's `AttentionCl` (`head_first=True`): qkv viewed as [head][q, k, v][head dim]."""
-
-    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
-        super().__init__()
-        self.num_heads, self.dim_head, self.head_first = heads, dim // heads, True
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.rel_pos = RelPosBias(tokens, heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b = x.shape[0]
-        q, k, v = self.qkv(x).view(b, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
-        x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos.get_bias())
-        return self.proj(x.transpose(1, 2).reshape(b, -1, self.num_heads * self.dim_head))
 
 
 def test_head_first_qkv_and_a_bias_shape_follow_the_heads():
@@ -314,22 +237,6 @@ def test_head_first_qkv_and_a_bias_shape_follow_the_heads():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-class ConvAttention(nn.Module):
-    """timm CoAtNet's `Attention2d`: 1x1-conv projections over (B, C, H, W), heads first in `qkv`."""
-
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.num_heads, self.dim_head, self.head_first = heads, dim // heads, True
-        self.qkv = nn.Conv2d(dim, 3 * dim, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x):
-        b, _, h, w = x.shape
-        q, k, v = self.qkv(x).view(b, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
-        a = (q.transpose(-2, -1) @ k * self.dim_head**-0.5).softmax(-1)
-        return self.proj((v @ a.transpose(-2, -1)).view(b, -1, h, w))
-
-
 def test_attention_with_pointwise_conv_projections_loses_whole_heads():
     torch.manual_seed(0)
     net = nn.Sequential(ConvAttention(), nn.Conv2d(16, 3, 1)).eval()
@@ -341,21 +248,6 @@ def test_attention_with_pointwise_conv_projections_loses_whole_heads():
     assert net[0].num_heads == 2 and net[0].qkv.weight.shape == (24, 16, 1, 1) and net[0].proj.in_channels == 8
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-5)
-
-
-class HeadDimFromInput(nn.Module):
-    """timm CaiT / XCiT: the heads of `qkv` are `C // num_heads` wide, `C` read from the input."""
-
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.num_heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
 
 def test_attention_deriving_its_head_dim_from_its_input_width_is_named_as_the_reason():
