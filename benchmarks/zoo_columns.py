@@ -88,13 +88,19 @@ def heads_column(fresh, model, left_out: dict, caught: list[str]) -> str:
     from torch import nn
 
     from lightning_halfprune.core import attention as attn
+    from lightning_halfprune.core import mla
 
     before = attn.find_attention(fresh)
     after = {s.name: s for s in attn.find_attention(model)}
     mods = dict(model.named_modules())
-    names = {s.name for s in before}
+    latent = mla.find(fresh)  # multi-head latent attention: heads counted from the modules themselves
+    names = {s.name for s in before} | {m.name for m in latent}
     other = _unrecognised(fresh, model, names)
     notes = []
+    if latent:
+        h0 = sum(mla.width(m.module) for m in latent)
+        h1 = sum(mla.width(mods[m.name]) or 0 for m in latent if m.name in mods)
+        notes.append(f"MLA: {h0} -> {h1} heads over {len(latent)} modules")
     mha = [(n, m) for n, m in fresh.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if mha:
         n, m = mha[0]
@@ -111,7 +117,7 @@ def heads_column(fresh, model, left_out: dict, caught: list[str]) -> str:
     if other:
         notes.append(other)
     if not before:
-        return "; ".join((["no attention"] if not (other or mha) else []) + notes)
+        return "; ".join((["no attention"] if not (other or mha or latent) else []) + notes)
     hb = sum(s.num_heads for s in before)
     ha = sum(after[s.name].num_heads for s in before if s.name in after)
     cut = [s for s in before if s.name in after and after[s.name].num_heads < s.num_heads]

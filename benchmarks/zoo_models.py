@@ -167,6 +167,11 @@ MODELS = {
     "hf_mamba2": _hf("Mamba2ForCausalLM", "Mamba2Config", "lm", hidden_size=64, num_hidden_layers=6, vocab_size=VOCAB,
                      num_heads=8, head_dim=16, expand=2, n_groups=1, state_size=8, chunk_size=8, use_cache=False,
                      tie_word_embeddings=True, **TOKENS),
+    # multi-head latent attention (DeepSeek-V3, Kimi-K2): low-rank q, a shared latent k/v, a dense layer then experts
+    "hf_deepseek_v3": _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", "lm", **dict(MOE, num_key_value_heads=4,
+                          intermediate_size=128), moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                          first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+                          qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
     # a Mamba-2 + attention hybrid (IBM Bamba, the layout of Granite-4 and NemotronH): every MLP, one attention layer
     "hf_bamba": _hf("BambaForCausalLM", "BambaConfig", "lm", **REAL_LM, mamba_n_heads=8, mamba_d_head=16,
                     mamba_n_groups=1, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=8, attn_layer_indices=[2],

@@ -54,6 +54,14 @@ def hf_model(kind: str) -> nn.Module:
         config = tf.MambaConfig(hidden_size=32, intermediate_size=64, state_size=8, num_hidden_layers=2,
                                 vocab_size=VOCAB, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         return tf.MambaForCausalLM(config)
+    if kind == "deepseek_v3":  # multi-head latent attention (4 heads), a dense MLP then routed + shared experts
+        config = tf.DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16,
+                                     n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                     first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                                     qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        return tf.DeepseekV3ForCausalLM(config)
     if kind == "mamba2":  # SSD mixers cut in whole heads: 8 heads of 8 channels in 2 groups
         config = tf.Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=8,
                                  chunk_size=8, num_hidden_layers=2, vocab_size=VOCAB, use_cache=False, bos_token_id=0,
@@ -193,7 +201,7 @@ def build(kind: str) -> nn.Module:
 
 
 IMAGE = {"vit", "vit_block", "mixer", "swin"}
-LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2", "mamba", "mamba2"}
+LM = {"gpt2", "llama", "qwen2", "phi3", "tied", "codegen", "codegen_2", "mamba", "mamba2", "deepseek_v3"}
 
 
 class Wrapper(pl.LightningModule):

@@ -20,7 +20,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_halfprune._compat import lightning as lc
-from lightning_halfprune.core import mamba, moe
+from lightning_halfprune.core import mamba, mla, moe
 from lightning_halfprune.core.errors import SurgeryError
 from lightning_halfprune.core.layers import out_width
 from lightning_halfprune.core.plan import Cut
@@ -179,7 +179,7 @@ def _check_original_widths(model: nn.Module, widths: Mapping[str, int]) -> None:
                 "have: it is another architecture."
             ) from None
         actual = getattr(layer, "out_channels", getattr(layer, "out_features", None)) or out_width(layer)
-        actual = actual or moe.width(layer) or mamba.width(layer)  # experts: their widths' sum; Mamba: inner width
+        actual = actual or moe.width(layer) or mamba.width(layer) or mla.width(layer)  # sums, inner widths, heads
         if actual != width:
             raise CheckpointError(
                 f"layer {name!r} of {type(model).__name__} has {actual} output channels, but the checkpoint was pruned "

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import mamba, moe
+from lightning_halfprune.core import mamba, mla, moe
 from lightning_halfprune.core.errors import BrokenForward, SurgeryError
 from lightning_halfprune.core.graph import ChannelGroup, graph_safe, module_by_name, run_model
 from lightning_halfprune.core.plan import Cut
@@ -85,6 +85,18 @@ def record_slice(old: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Ten
     """Record, in the innermost ``tracking_slices`` block, a slice made outside torch-pruning (MoE experts)."""
     if _RECORDERS:
         _RECORDERS[-1](old, new, dim, keep)
+
+
+def slice_parameter(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> None:
+    """Keep indices ``keep`` along ``dim`` of ``module.<pname>`` (and its gradient), recording the slice."""
+    old = module._parameters.get(pname)
+    if old is None:
+        return
+    new = nn.Parameter(torch.index_select(old.detach(), dim, keep.to(old.device)), requires_grad=old.requires_grad)
+    if old.grad is not None:
+        new.grad = torch.index_select(old.grad, dim, keep.to(old.device))
+    setattr(module, pname, new)
+    record_slice(old, new, dim, keep)
 
 
 @contextlib.contextmanager
@@ -323,6 +335,9 @@ def prune_group(model: nn.Module, graph: tp.DependencyGraph, cut: Cut) -> bool:
     if mamba.owns(module):
         mamba.prune(module, cut.channels, cut.layer)
         return True  # the mixer's layers in the graph hold the old tensors: rebuild it
+    if mla.owns(module):
+        mla.prune(module, cut.channels, cut.layer, slice_parameter)
+        return True  # the module's layers in the graph hold the old tensors: rebuild it
     spec = next((s for s in attn.find_attention(model) if s.root is module), None)
     if spec is not None:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import head_check, head_config, layers, mamba, moe
+from lightning_halfprune.core import head_check, head_config, layers, mamba, mla, moe
 
 # the layer of an MLP block that widens to `intermediate_size` (Llama/Qwen, BERT/ViT, GPT-2, OPT/Phi, GPT-NeoX, ALBERT)
 _MLP_UP = (".mlp.up_proj", ".mlp.gate_proj", ".intermediate.dense", ".mlp.c_fc", ".fc1", ".mlp.dense_h_to_4h", ".ffn")
@@ -30,6 +30,7 @@ def sync(model: nn.Module) -> None:
         _sync_mlp(config, owner)
         moe.sync_config(config, owner)
         mamba.sync_config(config, owner)
+        mla.sync_config(config, owner)
         _sync_hidden(config, owner)
     for problem in head_check.config_mismatches(model):  # a field the sync could not write (a derived property)
         warnings.warn(f"HalfPrune could not make the config follow the heads cut: {problem}; reload the model with "

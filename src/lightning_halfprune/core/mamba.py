@@ -149,8 +149,10 @@ def owns(module: nn.Module) -> bool:
 
 def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
     """Remove inner ``channels`` (Mamba-2: heads) from the mixer in every tensor that holds them; slices recorded."""
+    from lightning_halfprune.core.cut import slice_parameter as replace  # cut.py dispatches here
+
     if in_heads(module):
-        mamba2.prune(module, channels, name, _replace)
+        mamba2.prune(module, channels, name, replace)
         return
     inner = width(module)
     drop = {int(c) for c in channels}
@@ -161,35 +163,22 @@ def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
     keep = torch.tensor([c for c in range(inner) if c not in drop], dtype=torch.long)
     both = torch.cat([keep, keep + inner])  # x rows, then gate rows: ``chunk(2)`` splits them in the middle again
     m = module._modules
-    _replace(m["in_proj"], "weight", 0, both)
-    _replace(m["in_proj"], "bias", 0, both)
+    replace(m["in_proj"], "weight", 0, both)
+    replace(m["in_proj"], "bias", 0, both)
     m["in_proj"].out_features = len(both)
     for pname in ("weight", "bias"):
-        _replace(m["conv1d"], pname, 0, keep)
-        _replace(m["dt_proj"], pname, 0, keep)
+        replace(m["conv1d"], pname, 0, keep)
+        replace(m["dt_proj"], pname, 0, keep)
     m["conv1d"].in_channels = m["conv1d"].out_channels = m["conv1d"].groups = len(keep)
     m["dt_proj"].out_features = len(keep)
-    _replace(m["x_proj"], "weight", 1, keep)
+    replace(m["x_proj"], "weight", 1, keep)
     m["x_proj"].in_features = len(keep)
-    _replace(m["out_proj"], "weight", 1, keep)
+    replace(m["out_proj"], "weight", 1, keep)
     m["out_proj"].in_features = len(keep)
-    _replace(module, "A_log", 0, keep)
-    _replace(module, "D", 0, keep)
+    replace(module, "A_log", 0, keep)
+    replace(module, "D", 0, keep)
     if getattr(module, "intermediate_size", None) == inner:  # read by some forwards (and the cache)
         module.intermediate_size = len(keep)
-
-
-def _replace(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> None:
-    from lightning_halfprune.core.cut import record_slice  # cut.py dispatches here
-
-    old = module._parameters.get(pname)
-    if old is None:
-        return
-    new = nn.Parameter(torch.index_select(old.detach(), dim, keep.to(old.device)), requires_grad=old.requires_grad)
-    if old.grad is not None:
-        new.grad = torch.index_select(old.grad, dim, keep.to(old.device))
-    setattr(module, pname, new)
-    record_slice(old, new, dim, keep)
 
 
 # ------------------------------------------------------------------ configs

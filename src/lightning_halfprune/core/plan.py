@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
-from lightning_halfprune.core import allocation, layers, log, mamba, moe
+from lightning_halfprune.core import allocation, layers, log, mamba, mla, moe
 from lightning_halfprune.core import attention as attn
 from lightning_halfprune.core import attention_layouts as layouts
 from lightning_halfprune.core.errors import SurgeryError
@@ -136,6 +136,9 @@ class Planner:
                 keep = self._kept_heads(g, ratio) if mamba.in_heads(g.group.mixer.module) else self._kept(g, ratio)
                 cuts.extend(Cut(*cut) for cut in mamba.plan_cuts(g, keep))
                 continue
+            if isinstance(g.group, mla.Latent):  # multi-head latent attention: whole heads, always to the ratio
+                cuts.extend(Cut(*cut) for cut in mla.plan_cuts(g, self._kept_heads(g, ratio)))
+                continue
             scores = _check_scores(g, _score_or_magnitude(g, score))
             if scores is None:
                 unscored.append(g.name)
@@ -164,7 +167,7 @@ class Planner:
         """``attention="heads_last"``: the plans that keep the parameters of ``ratio``, fewest heads removed first."""
         known = [g for g in groups if g.name in self.original_widths]
         planner = replace(self, attention="heads")
-        own = (moe.ExpertGroup, mamba.MixerGroup)  # planned by their own rooms, always to the ratio
+        own = (moe.ExpertGroup, mamba.MixerGroup, mla.Latent)  # planned by their own rooms, always to the ratio
         experts = [g for g in known if isinstance(g.group, own)]
         channels = [g for g in known if g.attention is None and not isinstance(g.group, own)]
         heads = [g for g in known if g.attention is not None]

@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention as attn
-from lightning_halfprune.core import attention_layouts, hf_config, layers, mamba, moe, residual
+from lightning_halfprune.core import attention_layouts, hf_config, layers, mamba, mla, moe, residual
 from lightning_halfprune.core.cut import (
     DryRun,
     ParamRemap,
@@ -158,7 +158,8 @@ class Surgeon:
         experts = moe.find_experts(self.model)  # routed experts: cut by moe.py, never roots of the graph's groups
         mixers = mamba.find_mixers(self.model)  # state-space mixers: their inner width is cut by mamba.py
         not_roots = ignored + [m for s in specs for m in s.inputs] + moe.not_roots(self.model, experts)
-        not_roots += mamba.not_roots(mixers)
+        latents = mla.find(self.model)  # multi-head latent attention: whole heads cut by mla.py
+        not_roots += mamba.not_roots(mixers) + mla.not_roots(latents)
         stream = set() if self.prune_hidden_size else residual.stream_modules(self.model, specs)
         pruners = layers.customized_pruners(self.model)  # a norm's pruner (is_root False) never roots a group
         roots = ROOT_TYPES + tuple(t for t, p in pruners.items() if getattr(p, "is_root", True))
@@ -190,7 +191,7 @@ class Surgeon:
                 found.append(ChannelGroup(s.root_name, attn.scoring_group(s, graph), attn.out_width(s.root), 1, s))
         run = lambda: checked_forward(self.model, self.example_input)  # noqa: E731 - ranks experts by routing
         found += moe.channel_groups(self.model, experts, ignored, self.moe_mode, run)
-        found += mamba.channel_groups(mixers, ignored)
+        found += mamba.channel_groups(mixers, ignored) + mla.channel_groups(latents, ignored)
         self._groups = (self._signature, found)
         return found
 
