@@ -172,6 +172,16 @@ MODELS = {
                           intermediate_size=128), moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
                           first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
                           qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
+    # fourth session: more families users run
+    "hf_bart": _hf("BartForConditionalGeneration", "BartConfig", "seq2seq", d_model=64, encoder_layers=2,
+                   decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+                   decoder_ffn_dim=256, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
+                   decoder_start_token_id=0, forced_eos_token_id=None, **TOKENS),
+    "hf_gemma3": _hf("Gemma3ForCausalLM", "Gemma3TextConfig", "lm", **REAL_LM, head_dim=16, sliding_window=8,
+                     **TOKENS),
+    "hf_gpt_oss": _hf("GptOssForCausalLM", "GptOssConfig", "lm", **dict(MOE, intermediate_size=128),
+                      num_local_experts=4, head_dim=16, sliding_window=8),
+    "hf_olmoe": _hf("OlmoeForCausalLM", "OlmoeConfig", "lm", **dict(MOE, intermediate_size=128), num_experts=4),
     # a Mamba-2 + attention hybrid (IBM Bamba, the layout of Granite-4 and NemotronH): every MLP, one attention layer
     "hf_bamba": _hf("BambaForCausalLM", "BambaConfig", "lm", **REAL_LM, mamba_n_heads=8, mamba_d_head=16,
                     mamba_n_groups=1, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=8, attn_layer_indices=[2],

@@ -509,3 +509,19 @@ def test_fit_cuts_neox_heads_and_loads_back(tmp_path):
 )
 def test_fit_cuts_heads_and_loads_back(tmp_path, kind):
     _check_fit(tmp_path, kind)
+
+
+def test_a_q_norm_as_wide_as_the_hidden_size_is_not_taken_for_the_residual_stream():
+    """OLMo-2/OLMoE normalise all query channels (heads x head dim, here equal to the hidden size): those norms lose
+    the cut heads' channels, they are not the residual stream the default keeps."""
+    import transformers as tf
+
+    from lightning_halfprune.core import residual
+
+    config = tf.Olmo2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                            num_hidden_layers=1, vocab_size=64, use_cache=False, pad_token_id=0)
+    net = tf.Olmo2ForCausalLM(config).eval()
+    stream = residual.stream_modules(net, attn.find_attention(net))
+    layer = net.model.layers[0]
+    assert layer.self_attn.q_norm not in stream and layer.self_attn.k_norm not in stream
+    assert layer.post_attention_layernorm in stream and net.model.norm in stream

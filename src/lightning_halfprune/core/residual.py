@@ -30,15 +30,17 @@ _NOT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instance
 
 def stream_modules(model: nn.Module, specs: Iterable) -> set[nn.Module]:
     """Layers whose width is the residual stream of ``model`` (attention outputs, embeddings, norms); empty if none."""
+    specs = list(specs)
     outputs = {s.o for s in specs}
     widths = {w for o in outputs if (w := out_width(o))} | _config_widths(model)
     if not outputs and not any(isinstance(m, nn.Embedding) and m.embedding_dim in widths for m in model.modules()):
         return set()  # no attention and no token embedding at a config's hidden size: not a residual-stream model
+    qk_norms = {id(c) for s in specs for n, c in s.module.named_children() if n.lower().startswith(("q", "k"))}
     stream: set[nn.Module] = set(outputs)
     for m in model.modules():
         if isinstance(m, nn.Embedding) and m.embedding_dim in widths:
             stream.add(m)
-        elif is_norm(m) and norm_width(m) in widths:
+        elif is_norm(m) and norm_width(m) in widths and id(m) not in qk_norms:  # OLMo-2's q_norm: the heads' width
             stream.add(m)
     return stream
 
