@@ -8,7 +8,8 @@ widths differ, which ``attention.py`` (one head dim for q, k, v) does not descri
 ``-1`` heads, so whole heads go here: head ``h`` takes its rows of the query projection and of ``kv_b_proj`` and its
 columns of ``o_proj``. The latent and the shared rotary key stay (``q_a_proj``, the LoRA rank, is an ordinary group
 of the graph). ``num_heads`` follows on the module and ``num_attention_heads``/``num_key_value_heads`` in the
-config. Heads are ranked by the L2 norm of those rows and columns. A module whose key/value heads are grouped
+config. Heads are ranked by the L2 norm of those rows and columns; each module keeps ``1 - ratio`` of its original
+heads (floors as for any group), also with ``global_pruning``. A module whose key/value heads are grouped
 (``num_key_value_groups`` > 1) is not recognised.
 """
 
