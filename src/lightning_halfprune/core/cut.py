@@ -88,13 +88,20 @@ def record_slice(old: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Ten
 
 
 def slice_parameter(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> None:
-    """Keep indices ``keep`` along ``dim`` of ``module.<pname>`` (and its gradient), recording the slice."""
+    """Keep indices ``keep`` along ``dim`` of ``module.<pname>`` (and its gradient), recording the slice.
+
+    ``keep`` is one index list, or one per slice of dim 0 (rows x kept: fused experts, each its own channels).
+    """
     old = module._parameters.get(pname)
     if old is None:
         return
-    new = nn.Parameter(torch.index_select(old.detach(), dim, keep.to(old.device)), requires_grad=old.requires_grad)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(t, dim, keep.to(t.device)) if keep.dim() == 1 else take_per_row(t, keep, dim)
+
+    new = nn.Parameter(take(old.detach()), requires_grad=old.requires_grad)
     if old.grad is not None:
-        new.grad = torch.index_select(old.grad, dim, keep.to(old.device))
+        new.grad = take(old.grad)
     setattr(module, pname, new)
     record_slice(old, new, dim, keep)
 

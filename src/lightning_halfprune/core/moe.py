@@ -382,14 +382,16 @@ def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
                     layers.pruner(up).prune_out_channels(up, drop)
                 layers.pruner(down).prune_in_channels(down, drop)
         return
+    from lightning_halfprune.core.cut import slice_parameter  # cut.py dispatches here
+
     old = _fused_width(module)
     keep = torch.stack([torch.tensor(sorted(set(range(old)) - set(d)), dtype=torch.long) for d in drops])
     t = _is_transposed(module)
     for pname, rows in _up_rows(module, keep).items():
-        _replace(module, pname, 2 if t else 1, rows)
+        slice_parameter(module, pname, 2 if t else 1, rows)
         if isinstance(module._parameters.get(pname + "_bias"), torch.Tensor):
-            _replace(module, pname + "_bias", 1, rows)
-    _replace(module, "down_proj", 1 if t else 2, keep)
+            slice_parameter(module, pname + "_bias", 1, rows)
+    slice_parameter(module, "down_proj", 1 if t else 2, keep)
     for attr in _WIDTH_ATTRS:
         if getattr(module, attr, None) == old:
             setattr(module, attr, keep.shape[1])
@@ -412,17 +414,6 @@ def _up_rows(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         pname: torch.cat(chunks, 1) if concatenated else torch.stack(chunks, 2).flatten(1)
         for pname, chunks in _chunk_rows(module, keep).items()
     }
-
-
-def _replace(module: nn.Module, pname: str, dim: int, keep: torch.Tensor) -> None:
-    from lightning_halfprune.core.cut import record_slice, take_per_row  # cut.py dispatches here
-
-    old = module._parameters[pname]
-    new = nn.Parameter(take_per_row(old.detach(), keep, dim), requires_grad=old.requires_grad)
-    if old.grad is not None:
-        new.grad = take_per_row(old.grad, keep, dim)
-    setattr(module, pname, new)
-    record_slice(old, new, dim, keep)
 
 
 # ------------------------------------------------------------------ configs
