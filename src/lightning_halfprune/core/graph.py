@@ -45,6 +45,18 @@ class ChannelGroup:
         return self.width // self.slots
 
 
+def left_alone(module: nn.Module, layers: Sequence[nn.Module], ignored: Sequence[nn.Module]) -> bool:
+    """True if a module cut by its own room (a Mamba mixer, an MLA module) or one of its layers is ignored."""
+    ids = {id(m) for m in ignored}
+    return id(module) in ids or any(id(layer) in ids for layer in layers)
+
+
+def removable(removed: Sequence[int], width: int) -> bool:
+    """Whether ``removed`` names distinct units of ``width`` (channels, heads) and leaves at least one."""
+    drop = {int(c) for c in removed}
+    return len(drop) == len(removed) and all(0 <= c < width for c in drop) and len(drop) < width
+
+
 def run_model(model: nn.Module, x: Any) -> Any:
     """Lightning's ``example_input_array`` convention: tuple -> ``*args``, dict -> ``**kwargs``, else one arg."""
     if isinstance(x, dict):

@@ -31,7 +31,7 @@ from torch import nn
 
 from lightning_halfprune.core import log, mamba2
 from lightning_halfprune.core.errors import SurgeryError
-from lightning_halfprune.core.graph import ChannelGroup
+from lightning_halfprune.core.graph import ChannelGroup, left_alone, removable
 
 _LAYERS = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
 _WARNED: set[int] = set()  # configs already told their mixers' widths differ
@@ -113,12 +113,7 @@ def not_roots(mixers: Sequence[Mixer]) -> list[nn.Module]:
 
 def channel_groups(mixers: Sequence[Mixer], ignored: Sequence[nn.Module]) -> list[ChannelGroup]:
     """One group per mixer that neither it nor one of its layers is ignored."""
-    ignored_ids = {id(m) for m in ignored}
-    return [
-        ChannelGroup(m.name, MixerGroup(m), m.width)
-        for m in mixers
-        if id(m.module) not in ignored_ids and not any(id(layer) in ignored_ids for layer in m.layers)
-    ]
+    return [ChannelGroup(m.name, MixerGroup(m), m.width) for m in mixers if not left_alone(m.module, m.layers, ignored)]
 
 
 # ------------------------------------------------------------------ scoring and planning
@@ -156,7 +151,7 @@ def prune(module: nn.Module, channels: Sequence[int], name: str) -> None:
         return
     inner = width(module)
     drop = {int(c) for c in channels}
-    if len(drop) != len(channels) or any(not 0 <= c < inner for c in drop) or len(drop) >= inner:
+    if not removable(channels, inner):
         raise SurgeryError(
             f"cannot remove channels {list(channels)[:8]} from the Mamba mixer {name!r} of width {inner}."
         )

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_halfprune.core.errors import SurgeryError
+from lightning_halfprune.core.graph import removable
 
 LAYERS = ("in_proj", "conv1d", "norm", "out_proj")
 
@@ -87,7 +88,7 @@ def prune(module: nn.Module, removed: Sequence[int], name: str, replace: Callabl
     drop = {int(c) for c in removed}
     per_group = h // g
     counts = {sum(1 for c in drop if c // per_group == grp) for grp in range(g)}
-    if len(drop) != len(removed) or any(not 0 <= c < h for c in drop) or len(drop) >= h or len(counts) > 1:
+    if not removable(removed, h) or len(counts) > 1:
         raise SurgeryError(
             f"cannot remove heads {list(removed)[:8]} from the Mamba-2 mixer {name!r} ({h} heads in {g} group(s)): "
             "heads go the same number per group, at least one stays."

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_halfprune.core import log
 from lightning_halfprune.core.errors import SurgeryError
-from lightning_halfprune.core.graph import ChannelGroup
+from lightning_halfprune.core.graph import ChannelGroup, left_alone, removable
 
 _DIMS = ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
@@ -77,12 +77,7 @@ def not_roots(found: Sequence[Latent]) -> list[nn.Module]:
 
 
 def channel_groups(found: Sequence[Latent], ignored: Sequence[nn.Module]) -> list[ChannelGroup]:
-    ignored_ids = {id(m) for m in ignored}
-    return [
-        ChannelGroup(m.name, m, width(m.module))
-        for m in found
-        if id(m.module) not in ignored_ids and not any(id(layer) in ignored_ids for layer in m.layers)
-    ]
+    return [ChannelGroup(m.name, m, width(m.module)) for m in found if not left_alone(m.module, m.layers, ignored)]
 
 
 def _rows(module: nn.Module, heads: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,7 +114,7 @@ def prune(module: nn.Module, removed: Sequence[int], name: str, replace: Callabl
     """Remove heads ``removed`` from the query projection, ``kv_b_proj`` and ``o_proj``; ``replace`` slices, records."""
     h = width(module)
     drop = {int(c) for c in removed}
-    if len(drop) != len(removed) or any(not 0 <= c < h for c in drop) or len(drop) >= h:
+    if not removable(removed, h):
         raise SurgeryError(f"cannot remove heads {list(removed)[:8]} from the MLA module {name!r} of {h} heads.")
     q_rows, kv_rows, o_cols = _rows(module, [c for c in range(h) if c not in drop])
     q = _query(module)
