@@ -35,7 +35,6 @@ from typing import Any, Literal
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune._compat import torch_pruning as tpc
 from lightning_halfprune.core import attention_layouts as layouts
@@ -296,10 +295,6 @@ def scoring_group(spec: AttentionSpec, graph: tp.DependencyGraph) -> Any:
     def add(layer: nn.Module, out: bool, idxs: list[int], roots: list[int]) -> None:
         pruner = layers.pruner(layer)
         fn = pruner.prune_out_channels if out else pruner.prune_in_channels
-        if isinstance(layer, nn.Linear):
-            fn = tp_function.prune_linear_out_channels if out else tp_function.prune_linear_in_channels
-        elif _pointwise(layer):
-            fn = tp_function.prune_conv_out_channels if out else tp_function.prune_conv_in_channels
         node = graph.module2node.get(layer)
         if node is None:  # called functionally (BEiT's `F.linear(x, qkv.weight, bias)`): a node of its own
             node = tp.dependency.Node(layer, None, tpc.module_names(graph).get(layer, type(layer).__name__))

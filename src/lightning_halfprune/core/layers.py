@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch_pruning import ops
 from torch_pruning.pruner import function as tp_function
 
 from lightning_halfprune._compat import torch_pruning as tpc
@@ -54,8 +55,9 @@ class Conv1DPruner(tp_function.BasePruningFunc):
         return layer.weight.shape[0]
 
 
-LINEAR = tp_function.LinearPruner()
-CONV = tp_function.ConvPruner()
+# torch-pruning's own registered instances: its importances recognise their methods as Linear / Conv handlers
+LINEAR = tp_function.PrunerBox[ops.OPTYPE.LINEAR]
+CONV = tp_function.PrunerBox[ops.OPTYPE.CONV]
 CONV1D = Conv1DPruner()
 LORA_LINEAR = lora.LoraLinearPruner(lambda base: pruner(base))
 
